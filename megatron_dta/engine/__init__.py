@@ -1,0 +1,84 @@
+"""One engine API over the three execution modes (dense, sparse, dta).
+
+``Engine.forward_backward(rollouts, loss)`` plans the batch for the chosen mode, runs every unit
+and leaves the gradients of the loss in the model's parameters; ``Engine.logprobs(rollouts)`` is
+the no-grad forward. Both return per-rollout, per-token float64 log-probabilities in the rollout
+layout (entry 0 is 0.0). The result is the same in every mode up to float round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_dta.attention import get_attention_backend
+from megatron_dta.engine.executor import Executor, StepOutput
+from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
+from megatron_dta.losses import PolicyLoss
+from megatron_dta.rollouts import Rollout
+
+__all__ = ["Engine", "EngineConfig", "StepResult", "MODES", "Plan"]
+
+
+@dataclass
+class EngineConfig:
+    mode: str = "dta"
+    block_size: int = 2048  # max tokens of one DTA unit (chunk of a long node, or packed siblings)
+    activation_budget_tokens: int = 1 << 20  # kept tokens on the DFS path before recomputing
+    max_tokens_per_microbatch: int | None = None  # sparse only: unique tokens packed together
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"engine.mode '{self.mode}' must be one of {MODES}")
+        if self.block_size < 1:
+            raise ValueError(f"engine.block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # 0-dim float64
+    logprobs: list[np.ndarray]  # per rollout, float64 [L], entry 0 = 0
+    entropy: list[np.ndarray]
+    stats: dict
+    plan: Plan
+    recomputed_tokens: int
+
+
+class Engine:
+    def __init__(self, model, cfg: EngineConfig | None = None, device: str = "cpu"):
+        self.model, self.cfg, self.device = model, cfg or EngineConfig(), device
+        self.executor = Executor(model, get_attention_backend(self.cfg.attention, device),
+                                 self.cfg.activation_budget_tokens, device)
+
+    def plan(self, rollouts: list[Rollout]) -> Plan:
+        seqs = [r.input_ids for r in rollouts]
+        return build_plan(self.cfg.mode, seqs, seq_offsets_of([len(s) for s in seqs]),
+                          self.cfg.block_size, self.cfg.max_tokens_per_microbatch)
+
+    def _result(self, rollouts, out: StepOutput, plan: Plan) -> StepResult:
+        splits = np.cumsum([len(r) for r in rollouts])[:-1]
+        lps = np.split(out.logprobs.numpy(), splits)
+        ents = np.split(out.entropy.numpy(), splits)
+        return StepResult(out.loss, lps, ents, out.stats, plan, out.recomputed_tokens)
+
+    def forward_backward(self, rollouts: list[Rollout], loss: PolicyLoss | None = None,
+                         denominator: float | None = None) -> StepResult:
+        """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad``.
+
+        ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);
+        by default this batch's own.
+        """
+        loss = loss or PolicyLoss()
+        plan = self.plan(rollouts)
+        out = self.executor.run(plan, loss.token_table(rollouts, denominator), loss)
+        return self._result(rollouts, out, plan)
+
+    @torch.no_grad()
+    def logprobs(self, rollouts: list[Rollout]) -> StepResult:
+        plan = self.plan(rollouts)
+        table = {"mask": torch.zeros(sum(len(r) for r in rollouts), dtype=torch.float64)}
+        out = self.executor.run(plan, table, None, forward_only=True)
+        return self._result(rollouts, out, plan)

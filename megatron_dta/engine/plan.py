@@ -1,0 +1,224 @@
+"""Execution plans: the units of work of the three modes, built from prefix forests.
+
+A ``Unit`` is one model call: a flat row of tokens made of one or more *segments* (spans of forest
+nodes), a number ``prefix_len`` of ancestor positions whose K/V it reads from the DFS stack, and
+the attention structure among its own tokens. Each segment may have child units, which run
+(DFS) after the unit's forward and before its backward. The same record describes
+- dense: one unit per rollout, no prefix, causal;
+- sparse: one unit per packed microbatch, all its forest's nodes as segments, tree mask;
+- dta: units of sibling segments (chunks of at most ``block_size`` tokens), children below.
+A unit also lists the log-probabilities it produces (``pair_*``: hidden row, target token) and the
+loss elements (``elem_*``: which pair, which (rollout, position) in the flat per-token tables).
+Every (rollout, position >= 1) of the batch is exactly one element of exactly one unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_dta.attention import AttnSpec
+from megatron_dta.forest import PrefixForest
+
+MODES = ("dense", "sparse", "dta")
+
+
+@dataclass
+class Unit:
+    input_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [T]
+    prefix_len: int
+    spec: AttnSpec
+    seg_bounds: list[tuple[int, int]]  # (start in unit, length) per segment
+    children: list[list[Unit]]  # child units per segment
+    pair_hidden: torch.Tensor  # [pairs] row of the unit whose hidden state predicts the target
+    pair_target: torch.Tensor  # [pairs]
+    elem_pair: torch.Tensor  # [elems] index into pairs
+    elem_flat: torch.Tensor  # [elems] index into the flat per-token tables (seq_offset + position)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def has_children(self) -> bool:
+        return any(self.children)
+
+
+@dataclass
+class Plan:
+    mode: str
+    roots: list[Unit]
+    max_path: int  # positions the DFS K/V stack must hold
+    computed_tokens: int  # tokens run through the model (unique tokens for dta)
+    units: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def walk(self):
+        todo = list(reversed(self.roots))
+        while todo:
+            u = todo.pop()
+            yield u
+            for kids in reversed(u.children):
+                todo.extend(reversed(kids))
+
+
+class _UnitBuilder:
+    """Turns segments (node, start within node, length) of a forest into Units."""
+
+    def __init__(self, forest: PrefixForest, seq_offsets: np.ndarray, seq_map: np.ndarray):
+        self.f, self.seq_offsets, self.seq_map = forest, seq_offsets, seq_map
+
+    def build(self, segments, prefix_len: int, seg_in=None, seg_out=None) -> Unit:
+        f = self.f
+        ids, pos, bounds = [], [], []
+        pair_h, pair_t, elem_p, elem_f = [], [], [], []
+        n_pairs = start = 0
+
+        def add_pairs(hidden_rows, targets, positions, seqs):
+            nonlocal n_pairs
+            k = len(targets)
+            if k == 0 or len(seqs) == 0:
+                return
+            pair_h.append(hidden_rows)
+            pair_t.append(targets)
+            p = np.arange(n_pairs, n_pairs + k)
+            offs = self.seq_offsets[self.seq_map[np.asarray(seqs)]]
+            elem_p.append(np.tile(p, len(seqs)))
+            elem_f.append((offs[:, None] + positions[None, :]).ravel())
+            n_pairs += k
+
+        for nid, c, length in segments:
+            node = f.nodes[nid]
+            toks = node.tokens[c:c + length]
+            ids.append(toks)
+            pos.append(np.arange(node.offset + c, node.offset + c + length))
+            bounds.append((start, length))
+            inner = np.arange(length - 1)
+            add_pairs(start + inner, toks[1:], node.offset + c + 1 + inner, node.sequences)
+            last = start + length - 1
+            if c + length < node.length:
+                add_pairs(np.array([last]), node.tokens[c + length:c + length + 1],
+                          np.array([node.offset + c + length]), node.sequences)
+            else:
+                for ch in node.children:
+                    child = f.nodes[ch]
+                    add_pairs(np.array([last]), child.tokens[:1], np.array([node.end]), child.sequences)
+            start += length
+
+        cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        input_ids = cat(ids)
+        spec = AttnSpec(prefix_len, len(input_ids),
+                        None if seg_in is None else torch.as_tensor(seg_in, dtype=torch.long),
+                        None if seg_out is None else torch.as_tensor(seg_out, dtype=torch.long))
+        return Unit(input_ids, cat(pos), prefix_len, spec, bounds, [[] for _ in bounds],
+                    cat(pair_h), cat(pair_t), cat(elem_p), cat(elem_f))
+
+
+def seq_offsets_of(lengths) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def plan_dense(sequences: list[np.ndarray], seq_offsets: np.ndarray) -> Plan:
+    roots = []
+    for i, s in enumerate(sequences):
+        f = PrefixForest([s])
+        roots.append(_UnitBuilder(f, seq_offsets, np.array([i])).build([(0, 0, len(s))], 0))
+    return Plan("dense", roots, 0, sum(len(s) for s in sequences), len(roots))
+
+
+def split_by_budget(sequences: list[np.ndarray], budget: int | None) -> list[list[int]]:
+    """Rollout groups in sorted (DFS) order whose forests hold at most ``budget`` unique tokens.
+
+    In sorted order a rollout adds ``len - lcp(previous)`` unique tokens to its group; a group that
+    starts mid-tree repeats the shared prefix (as peers' packed microbatches do).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
+    groups, cur, used, prev = [], [], 0, None
+    for i in order:
+        s = sequences[i]
+        if prev is not None:
+            m = min(len(s), len(prev))
+            d = np.flatnonzero(s[:m] != prev[:m])
+            new = len(s) - (int(d[0]) if len(d) else m)
+        else:
+            new = len(s)
+        if cur and budget is not None and used + new > budget:
+            groups.append(cur)
+            cur, used, new = [], 0, len(s)
+        cur.append(i)
+        used += new
+        prev = s
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def plan_sparse(sequences, seq_offsets, max_tokens: int | None = None) -> Plan:
+    roots, computed = [], 0
+    for group in split_by_budget(sequences, max_tokens):
+        f = PrefixForest([sequences[i] for i in group])
+        segs = [(n.id, 0, n.length) for n in f.nodes]
+        seg_in = np.repeat(np.arange(len(f.nodes)), [n.length for n in f.nodes])
+        unit = _UnitBuilder(f, seq_offsets, np.asarray(group)).build(segs, 0, seg_in, f.dfs_out[seg_in])
+        roots.append(unit)
+        computed += f.unique_tokens
+    return Plan("sparse", roots, 0, computed, len(roots), {"microbatches": len(roots)})
+
+
+def plan_dta(sequences, seq_offsets, block_size: int = 2048) -> Plan:
+    """Units of sibling segments of at most ``block_size`` tokens; long nodes become chains of chunks."""
+    f = PrefixForest(sequences)
+    builder = _UnitBuilder(f, seq_offsets, np.arange(len(sequences)))
+
+    def first_chunk(nid):
+        return (nid, 0, min(block_size, f.nodes[nid].length))
+
+    def group_units(segments, prefix_len):
+        """Pack sibling segments greedily into units of at most block_size tokens."""
+        groups, cur, used = [], [], 0
+        for seg in segments:
+            if cur and used + seg[2] > block_size:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(seg)
+            used += seg[2]
+        if cur:
+            groups.append(cur)
+        units = []
+        for g in groups:
+            seg_in = np.repeat(np.arange(len(g)), [s[2] for s in g])
+            multi = len(g) > 1
+            units.append((builder.build(g, prefix_len, seg_in if multi else None, seg_in + 1 if multi else None), g))
+        return units
+
+    n_units = 0
+    roots = []
+    todo = [(roots, f.roots and [first_chunk(r) for r in f.roots], 0)]
+    while todo:
+        sink, segments, prefix_len = todo.pop()
+        for unit, segs in group_units(segments, prefix_len):
+            n_units += 1
+            sink.append(unit)
+            for k, (nid, c, length) in enumerate(segs):
+                node = f.nodes[nid]
+                if c + length < node.length:
+                    nxt = [(nid, c + length, min(block_size, node.length - c - length))]
+                else:
+                    nxt = [first_chunk(ch) for ch in node.children]
+                if nxt:
+                    todo.append((unit.children[k], nxt, node.offset + c + length))
+    return Plan("dta", roots, f.max_path_tokens, f.unique_tokens, n_units,
+                {"nodes": len(f.nodes), "sharing_ratio": f.sharing_ratio})
+
+
+def build_plan(mode: str, sequences, seq_offsets, block_size: int = 2048, max_tokens_per_microbatch=None) -> Plan:
+    if mode == "dense":
+        return plan_dense(sequences, seq_offsets)
+    if mode == "sparse":
+        return plan_sparse(sequences, seq_offsets, max_tokens_per_microbatch)
+    if mode == "dta":
+        return plan_dta(sequences, seq_offsets, block_size)
+    raise ValueError(f"engine mode '{mode}' is unknown; choose one of {MODES}")

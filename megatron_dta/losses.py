@@ -1,0 +1,145 @@
+"""RL policy losses over per-rollout, per-token values. They know nothing of trees.
+
+A loss is a sum over (rollout r, position j >= 1) of ``weight[r, j] * term(lp[r, j], ...)``. The
+weights carry the loss mask and the normalization (token mean over the global batch by default),
+so they are fixed before any compute; each term depends only on its own position's log-prob and
+entropy. That is what lets any execution order (dense, packed, DFS; any rank) produce exactly the
+dense loss and gradients: a token shared by k rollouts contributes k terms, each with its own
+rollout's advantage, old log-prob, mask and weight.
+
+Per-token values live in flat tables (rollouts concatenated, ``seq_offset[r] + j``); engines
+gather the elements they compute and call ``terms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_dta.rollouts import Rollout
+
+NORMALIZATIONS = ("token_mean", "sequence_mean", "constant")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass
+class LossConfig:
+    eps_clip_low: float = 0.2
+    eps_clip_high: float = 0.2
+    dual_clip: float | None = None  # c > 1: bound the loss of negative advantages by c * |A|
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    normalization: str = "token_mean"
+    constant_divisor: float = 1.0
+    group_normalize_advantages: bool = False  # GRPO: (A - mean_group) / (std_group + eps)
+    group_std_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss.normalization '{self.normalization}' must be one of {NORMALIZATIONS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"loss.kl_estimator '{self.kl_estimator}' must be one of {KL_ESTIMATORS}")
+        if self.eps_clip_low < 0 or self.eps_clip_high < 0:
+            raise ValueError("loss.eps_clip_low and loss.eps_clip_high must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"loss.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+        if self.normalization == "constant" and self.constant_divisor <= 0:
+            raise ValueError("loss.constant_divisor must be > 0")
+
+
+def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.ndarray]:
+    """GRPO: each rollout's (scalar) advantage minus its group mean, over the group std."""
+    groups: dict = {}
+    for i, r in enumerate(rollouts):
+        groups.setdefault(r.group if r.group is not None else ("__single__", i), []).append(i)
+    out = [r.advantages.copy() for r in rollouts]
+    for members in groups.values():
+        vals = np.array([rollouts[i].advantages[0] for i in members])
+        mean, std = vals.mean(), vals.std()
+        for i in members:
+            out[i] = (rollouts[i].advantages - mean) / (std + eps)
+    return out
+
+
+class PolicyLoss:
+    """PPO clipped objective (separate low/high eps, optional dual clip), KL penalty, entropy bonus."""
+
+    def __init__(self, cfg: LossConfig | None = None):
+        self.cfg = cfg or LossConfig()
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.cfg.entropy_coef != 0.0
+
+    def local_denominator(self, rollouts: list[Rollout]) -> float:
+        """This rank's share of the normalizer; the trainer all-reduces it before ``token_table``."""
+        if self.cfg.normalization == "token_mean":
+            return float(sum(int(r.loss_mask.sum()) for r in rollouts))
+        if self.cfg.normalization == "sequence_mean":
+            return float(len(rollouts))
+        return 0.0
+
+    def token_table(self, rollouts: list[Rollout], denominator: float | None = None) -> dict[str, torch.Tensor]:
+        """Flat float64 per-token tables: adv, old (NaN = on-policy), ref, weight, mask."""
+        cfg = self.cfg
+        if denominator is None:
+            denominator = self.local_denominator(rollouts)
+        advs = (group_normalized_advantages(rollouts, cfg.group_std_eps) if cfg.group_normalize_advantages
+                else [r.advantages for r in rollouts])
+        weights = []
+        for r in rollouts:
+            mask = r.loss_mask.astype(np.float64)
+            if cfg.normalization == "token_mean":
+                weights.append(mask / max(denominator, 1.0))
+            elif cfg.normalization == "sequence_mean":
+                weights.append(mask / max(mask.sum(), 1.0) / max(denominator, 1.0))
+            else:
+                weights.append(mask / cfg.constant_divisor)
+
+        def flat(arrays):
+            return torch.from_numpy(np.concatenate(arrays).astype(np.float64))
+
+        nan = [np.full(len(r), np.nan) for r in rollouts]
+        return {
+            "adv": flat(advs),
+            "old": flat([r.old_logprobs if r.old_logprobs is not None else n for r, n in zip(rollouts, nan)]),
+            "ref": flat([r.ref_logprobs if r.ref_logprobs is not None else n for r, n in zip(rollouts, nan)]),
+            "weight": flat(weights),
+            "mask": flat([r.loss_mask for r in rollouts]),
+        }
+
+    def terms(self, lp: torch.Tensor, entropy: torch.Tensor | None, g: dict[str, torch.Tensor]):
+        """(weighted loss sum, statistics sums) of gathered elements; ``g`` holds the gathered tables."""
+        cfg = self.cfg
+        dt = lp.dtype
+        adv, weight, mask = g["adv"].to(dt), g["weight"].to(dt), g["mask"].to(dt)
+        old = torch.where(torch.isnan(g["old"]).to(lp.device), lp.detach(), g["old"].to(dt))
+        log_ratio = lp - old
+        ratio = torch.exp(log_ratio)
+        clipped = torch.clamp(ratio, 1 - cfg.eps_clip_low, 1 + cfg.eps_clip_high)
+        pg = -torch.minimum(ratio * adv, clipped * adv)
+        if cfg.dual_clip is not None:
+            pg = torch.where(adv < 0, torch.minimum(pg, -cfg.dual_clip * adv), pg)
+        term = pg
+        if cfg.kl_coef:
+            ref = g["ref"].to(dt)
+            if torch.isnan(ref).any():
+                raise ValueError("loss.kl_coef > 0 needs 'ref_logprobs' in every rollout")
+            d = ref - lp
+            kl = -d if cfg.kl_estimator == "k1" else torch.exp(d) - d - 1
+            term = term + cfg.kl_coef * kl
+        if cfg.entropy_coef:
+            term = term - cfg.entropy_coef * entropy
+        loss = (weight * term).sum()
+        with torch.no_grad():
+            stats = {
+                "tokens": mask.sum(),
+                "clipped": (mask * ((ratio - clipped).abs() > 0).to(dt)).sum(),
+                "approx_kl": (mask * 0.5 * log_ratio.pow(2)).sum(),
+            }
+            if entropy is not None:
+                stats["entropy"] = (mask * entropy.detach()).sum()
+        return loss, stats

@@ -1,0 +1,158 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) on megatron-core tensor-parallel layers.
+
+The model knows nothing about trees. Tokens arrive flattened as one row ``[T]`` with their
+position ids; attention hands (q, k, v) of layer ``i`` to ``kv.attend(i, q, k, v)`` and gets the
+attention output back. The execution strategy behind ``kv`` (dense, packed tree mask, DFS with
+ancestor K/V) decides which keys each query sees; see ``megatron_dta.engine``.
+
+Legend: T tokens, H hidden, N local query heads, K local kv heads, D head dim, F local ffn,
+V local vocab. Norms, rotary tables and softmax run in max(dtype, float32), so float64 stays
+float64 end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_dta.model.config import ModelConfig
+from megatron_dta.model.lm_head import fused_logprob_entropy
+
+
+class KVContext(Protocol):
+    def attend(self, layer: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, N, D] of this chunk's queries over the keys the strategy provides."""
+
+
+def _mp():
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in max(dtype, float32); ``tp_shared`` sums its grad over TP ranks."""
+
+    def __init__(self, dim: int, eps: float, dtype, device, tp_shared: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps, self.tp_shared = eps, tp_shared
+
+    def forward(self, x):
+        cdtype = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(cdtype)
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        # per-head q/k norms see only this rank's heads: their weight grad is a partial sum
+        w = _mp().copy_to_tensor_model_parallel_region(self.weight) if self.tp_shared else self.weight
+        return w * xc.to(x.dtype)
+
+
+def rotary_tables(position_ids_T, head_dim: int, theta: float, dtype):
+    cdtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=cdtype, device=position_ids_T.device) / head_dim))
+    freqs_TD2 = position_ids_T.to(cdtype)[:, None] * inv_freq[None, :]
+    emb_TD = torch.cat([freqs_TD2, freqs_TD2], dim=-1)
+    return emb_TD.cos().to(dtype)[:, None, :], emb_TD.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(x_TND, cos_T1D, sin_T1D):
+    half = x_TND.shape[-1] // 2
+    rotated = torch.cat([-x_TND[..., half:], x_TND[..., :half]], dim=-1)
+    return x_TND * cos_T1D + rotated * sin_T1D
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, mp_config, tp: int, dtype, device):
+        super().__init__()
+        tpl = _mp()
+        init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
+        self.index = index
+        self.n_local, self.k_local, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        # fused q|k|v: each rank holds [its q heads, its k heads, its v heads] (hf.py lays it out)
+        self.qkv = tpl.ColumnParallelLinear(
+            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, config=mp_config,
+            init_method=init, bias=cfg.qkv_bias, gather_output=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_shared=True) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_shared=True) if cfg.qk_norm else None
+        self.o_proj = tpl.RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
+            input_is_parallel=True, skip_bias_add=False)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        # fused gate|up, each rank [its gate rows, its up rows]
+        self.gate_up = tpl.ColumnParallelLinear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, config=mp_config, init_method=init, bias=False,
+            gather_output=False)
+        self.down = tpl.RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
+            input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x_TH, cos, sin, kv: KVContext):
+        T = x_TH.shape[0]
+        qkv_TX = self.qkv(self.input_norm(x_TH))[0]
+        nq, nk, d = self.n_local * self.d, self.k_local * self.d, self.d
+        q_TND = qkv_TX[:, :nq].view(T, self.n_local, d)
+        k_TKD = qkv_TX[:, nq:nq + nk].view(T, self.k_local, d)
+        v_TKD = qkv_TX[:, nq + nk:].view(T, self.k_local, d)
+        if self.q_norm is not None:
+            q_TND, k_TKD = self.q_norm(q_TND), self.k_norm(k_TKD)
+        q_TND, k_TKD = apply_rotary(q_TND, cos, sin), apply_rotary(k_TKD, cos, sin)
+        attn_TND = kv.attend(self.index, q_TND, k_TKD, v_TKD)
+        x_TH = x_TH + self.o_proj(attn_TND.reshape(T, nq))[0]
+        gate_up_TF2 = self.gate_up(self.post_norm(x_TH))[0]
+        gate_TF, up_TF = gate_up_TF2.chunk(2, dim=-1)
+        return x_TH + self.down(F.silu(gate_TF) * up_TF)[0]
+
+
+class Transformer(nn.Module):
+    """Parameters are sharded over ``tp`` ranks of megatron's tensor-parallel group."""
+
+    def __init__(self, cfg: ModelConfig, tp: int = 1, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        from megatron.core import ModelParallelConfig
+
+        if cfg.num_heads % tp or cfg.num_kv_heads % tp or cfg.intermediate_size % tp:
+            raise ValueError(
+                f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
+                f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})")
+        self.cfg, self.tp, self.dtype = cfg, tp, dtype
+        self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=(str(device) == "cpu"),
+            perform_initialization=True, gradient_accumulation_fusion=False)
+        tpl = _mp()
+        init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
+        self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, tp, dtype, device) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = None if cfg.tie_embeddings else tpl.ColumnParallelLinear(
+            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=init, bias=False, gather_output=False)
+        self.to(device)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.embed.vocab_start_index
+
+    def forward(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, kv: KVContext) -> torch.Tensor:
+        """Final-normed hidden states [T, H] of a flat row of tokens."""
+        x_TH = self.embed(input_ids_T)
+        cos, sin = rotary_tables(position_ids_T, self.cfg.head_dim, self.cfg.rope_theta, x_TH.dtype)
+        for layer in self.layers:
+            x_TH = layer(x_TH, cos, sin, kv)
+        return self.final_norm(x_TH)
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's LM-head shard [V_local, H], padding rows past the real vocabulary removed."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return w[: max(0, min(w.shape[0], self.cfg.vocab_size - self.vocab_start))]
+
+    def logprobs(self, hidden_PH: torch.Tensor, targets_P: torch.Tensor, chunk: int = 1024):
+        """(log p(target), entropy) per row, computed in max(dtype, float32); [P] each."""
+        h = _mp().copy_to_tensor_model_parallel_region(hidden_PH)
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        return fused_logprob_entropy(h, self.output_weight(), targets_P, self.vocab_start, group, chunk)

@@ -1,0 +1,110 @@
+"""The one owner of the parallel layout: TP x PP x DP degrees and their process groups.
+
+Process groups come from megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp), so its
+tensor-parallel layers find their group; everything else in megatron_dta receives a
+``ParallelLayout`` explicitly instead of reading globals. Works over gloo on CPU and NCCL on GPU.
+A single process without torchrun gets a world of size 1 on a private TCP port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "cpu") -> None:
+    """Initialise torch.distributed from torchrun's environment, or as a world of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+
+
+@dataclass
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    device: str = "cpu"
+
+    @classmethod
+    def create(cls, tp: int = 1, pp: int = 1, device: str | None = None) -> ParallelLayout:
+        """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
+        from megatron.core import parallel_state as ps
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        init_distributed(device)
+        world = dist.get_world_size()
+        if world % (tp * pp):
+            raise ValueError(
+                f"world size {world} is not divisible by tp x pp = {tp} x {pp}: "
+                f"launch with a multiple of {tp * pp} processes or change parallel.tp / parallel.pp"
+            )
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        return cls(tp=tp, pp=pp, dp=world // (tp * pp), device=device)
+
+    # groups and ranks, read from megatron's parallel_state so that its layers agree with us
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    @property
+    def pp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp_group)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp_group)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pp_group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return dist.get_rank() == 0
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

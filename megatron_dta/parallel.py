@@ -108,3 +108,38 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_grads(model: torch.nn.Module, group) -> None:
+    """Sum gradients over ``group`` (data parallel); one flat buffer per dtype to keep calls few."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for ps in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
+    if group is None or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
+    return t.item()
+
+
+def shard_indices(n: int, world: int, rank: int) -> list[int]:
+    """Contiguous near-equal split of ``range(n)`` (the simple DP split; the balancer does better)."""
+    bounds = [n * r // world for r in range(world + 1)]
+    return list(range(bounds[rank], bounds[rank + 1]))

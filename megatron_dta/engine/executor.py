@@ -149,8 +149,9 @@ class Executor:
         if unit.has_children:
             _, _, gk, gv = self._stacks
             T, P = unit.num_tokens, unit.prefix_len
-            dk = [torch.zeros_like(g[:T]) for g in gk]  # [T, K, D] per layer
-            dv = [torch.zeros_like(g[:T]) for g in gv]
+            # [T, K, D] per layer; T (packed siblings) may exceed the stack's path length
+            dk = [g.new_zeros((T, *g.shape[1:])) for g in gk]
+            dv = [g.new_zeros((T, *g.shape[1:])) for g in gv]
             for s, kids in enumerate(unit.children):
                 if not kids:
                     continue

@@ -12,6 +12,7 @@ float64 end to end.
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
@@ -20,6 +21,10 @@ from torch import nn
 
 from megatron_dta.model.config import ModelConfig
 from megatron_dta.model.lm_head import fused_logprob_entropy
+
+# megatron-core 0.16's RowParallelLinear passes tp_group=None to its own linear function even when
+# the layer has a group, which warns on every call; the group is correct, the warning is noise.
+warnings.filterwarnings("ignore", message="Warning: tp_group is None", category=DeprecationWarning)
 
 
 class KVContext(Protocol):
@@ -36,17 +41,17 @@ def _mp():
 class RMSNorm(nn.Module):
     """RMSNorm computed in max(dtype, float32); ``tp_shared`` sums its grad over TP ranks."""
 
-    def __init__(self, dim: int, eps: float, dtype, device, tp_shared: bool = False):
+    def __init__(self, dim: int, eps: float, dtype, device, tp_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps, self.tp_shared = eps, tp_shared
+        self.eps, self.tp_group = eps, tp_group
 
     def forward(self, x):
         cdtype = torch.promote_types(x.dtype, torch.float32)
         xc = x.to(cdtype)
         xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
         # per-head q/k norms see only this rank's heads: their weight grad is a partial sum
-        w = _mp().copy_to_tensor_model_parallel_region(self.weight) if self.tp_shared else self.weight
+        w = self.weight if self.tp_group is None else _mp().copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
         return w * xc.to(x.dtype)
 
 
@@ -65,9 +70,10 @@ def apply_rotary(x_TND, cos_T1D, sin_T1D):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, mp_config, tp: int, dtype, device):
+    def __init__(self, cfg: ModelConfig, index: int, mp_config, tp_group, dtype, device):
         super().__init__()
         tpl = _mp()
+        tp = tp_group.size()
         init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
         self.index = index
         self.n_local, self.k_local, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
@@ -75,20 +81,20 @@ class DecoderLayer(nn.Module):
         # fused q|k|v: each rank holds [its q heads, its k heads, its v heads] (hf.py lays it out)
         self.qkv = tpl.ColumnParallelLinear(
             cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, config=mp_config,
-            init_method=init, bias=cfg.qkv_bias, gather_output=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_shared=True) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_shared=True) if cfg.qk_norm else None
+            init_method=init, bias=cfg.qkv_bias, gather_output=False, tp_group=tp_group)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
         self.o_proj = tpl.RowParallelLinear(
             cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
-            input_is_parallel=True, skip_bias_add=False)
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         # fused gate|up, each rank [its gate rows, its up rows]
         self.gate_up = tpl.ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.intermediate_size, config=mp_config, init_method=init, bias=False,
-            gather_output=False)
+            gather_output=False, tp_group=tp_group)
         self.down = tpl.RowParallelLinear(
             cfg.intermediate_size, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
-            input_is_parallel=True, skip_bias_add=False)
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x_TH, cos, sin, kv: KVContext):
         T = x_TH.shape[0]
@@ -113,23 +119,29 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int = 1, dtype=torch.float32, device="cpu"):
         super().__init__()
         from megatron.core import ModelParallelConfig
+        from megatron.core import parallel_state as ps
 
         if cfg.num_heads % tp or cfg.num_kv_heads % tp or cfg.intermediate_size % tp:
             raise ValueError(
                 f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
                 f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})")
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        if self.tp_group.size() != tp:
+            raise ValueError(f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks")
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=(str(device) == "cpu"),
             perform_initialization=True, gradient_accumulation_fusion=False)
         tpl = _mp()
         init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
-        self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, tp, dtype, device) for i in range(cfg.num_layers))
+        self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config,
+                                                 tp_group=self.tp_group)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = None if cfg.tie_embeddings else tpl.ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=init, bias=False, gather_output=False)
+            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=init, bias=False, gather_output=False,
+            tp_group=self.tp_group)
         self.to(device)
 
     @property
@@ -151,8 +163,6 @@ class Transformer(nn.Module):
 
     def logprobs(self, hidden_PH: torch.Tensor, targets_P: torch.Tensor, chunk: int = 1024):
         """(log p(target), entropy) per row, computed in max(dtype, float32); [P] each."""
-        h = _mp().copy_to_tensor_model_parallel_region(hidden_PH)
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        h = _mp().copy_to_tensor_model_parallel_region(hidden_PH, group=self.tp_group)
+        group = self.tp_group if self.tp > 1 else None
         return fused_logprob_entropy(h, self.output_weight(), targets_P, self.vocab_start, group, chunk)

@@ -1,0 +1,706 @@
+"""Cost model and partitioner: which rollouts each rank computes, in which microbatch.
+
+The cost of one microbatch on one rank is linear in five features of the prefix forest of its
+rollouts (``CostModel``): unique tokens (linear layers), query-key pairs of tree attention, nodes
+(one DFS push/pop each), rollouts (one loss each) and a constant. Its coefficients are fitted to
+timings by non-negative least squares (``CostModel.fit``, used by ``tools/calibrate.py``).
+
+``balance`` splits a batch over ``ranks``:
+
+1. Units are whole trees (rollouts sharing a root). A tree with more unique tokens than
+   ``max_tokens_per_microbatch``, or costing more than a rank's share, is cut along the DFS order
+   of its rollouts, each cut where the two sides share the fewest tokens: a piece recomputes its
+   ancestor path, so a cut between DFS neighbours duplicates exactly their common prefix.
+2. Longest processing time first, then refinement: moves and swaps between the most and least
+   loaded ranks; a rank still above ``(1 + tolerance)`` x the mean hands a cut piece of one of its
+   units to the least loaded rank (again at the cheapest cut in the feasible window).
+3. Per rank, first-fit decreasing into microbatches of at most ``max_tokens_per_microbatch``
+   unique tokens; every rank then gets the largest count: extra microbatches come from splitting a
+   multi-unit microbatch (free), else from cutting a unit (duplicates its cut prefix), and only a
+   rank with fewer rollouts than microbatches gets an empty one.
+
+Invariant: every rollout is in exactly one microbatch, and every rank has the same number of
+microbatches. A single rollout larger than ``max_tokens_per_microbatch`` is alone in its
+microbatch (it cannot be cut). Everything works on sequence positions in the forest's DFS order,
+where any set of rollouts' unique tokens is a sum over its members minus neighbour overlaps, so a
+unit or microbatch costs O(its rollouts) to evaluate. Pure numpy: no torch here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from megatron_dta.forest import PrefixForest
+from megatron_dta.rollouts import Rollout
+
+FEATURES = ("per_token", "attention", "per_node", "per_leaf", "constant")
+DEFAULT_TOLERANCE = 0.02  # refine to 1.02 x the mean; packing into microbatches may add a little
+
+
+def _triangle(n):
+    """Causal query-key pairs of the first ``n`` positions of a path: n (n + 1) / 2."""
+    return n * (n + 1) // 2
+
+
+def nnls(a_MN: np.ndarray, b_M: np.ndarray) -> np.ndarray:
+    """Non-negative least squares, min ||A x - b|| s.t. x >= 0 (Lawson-Hanson active set).
+
+    Columns are scaled to unit norm first: cost features span ten orders of magnitude.
+    """
+    a_MN = np.asarray(a_MN, dtype=np.float64)
+    b_M = np.asarray(b_M, dtype=np.float64)
+    n = a_MN.shape[1]
+    scale_N = np.linalg.norm(a_MN, axis=0)
+    live_N = scale_N > 0  # an all-zero feature gets coefficient 0
+    a_MN = a_MN[:, live_N] / scale_N[live_N]
+    k = a_MN.shape[1]
+    x_K = np.zeros(k)
+    passive_K = np.zeros(k, dtype=bool)
+    tol = 10 * np.finfo(float).eps * max(a_MN.shape) * max(np.abs(a_MN).sum(axis=0).max(initial=0), 1)
+    for _ in range(3 * k + 10):
+        grad_K = a_MN.T @ (b_M - a_MN @ x_K)
+        if passive_K.all() or grad_K[~passive_K].max(initial=-np.inf) <= tol:
+            break
+        passive_K[np.argmax(np.where(passive_K, -np.inf, grad_K))] = True
+        while True:
+            s_K = np.zeros(k)
+            s_K[passive_K] = np.linalg.lstsq(a_MN[:, passive_K], b_M, rcond=None)[0]
+            if s_K[passive_K].min() > 0:
+                break
+            # Step from x towards s until the first passive coefficient hits zero; drop it.
+            neg = passive_K & (s_K <= 0)
+            alpha = np.min(x_K[neg] / (x_K[neg] - s_K[neg]))
+            x_K = x_K + alpha * (s_K - x_K)
+            passive_K &= x_K > tol
+            x_K[~passive_K] = 0.0
+        x_K = s_K
+    out_N = np.zeros(n)
+    out_N[live_N] = x_K / scale_N[live_N]
+    return out_N
+
+
+@dataclass
+class CostModel:
+    """Predicted seconds for one microbatch: a non-negative linear function of its forest.
+
+    The defaults are a guess of the right shape (roughly a 1-2B model on one H100: attention
+    matches the linear layers at ~10K keys per query, each node costs a DFS push/pop of kernel
+    launches); ``tools/calibrate.py`` replaces them with a fit on the running hardware.
+    """
+
+    per_token: float = 2e-5  # s per unique token (all linear layers, forward + backward)
+    attention: float = 2e-9  # s per causal query-key pair: sum over nodes of own x (prefix + own)
+    per_node: float = 5e-4  # s per forest node (one push and one pop of the DFS)
+    per_leaf: float = 1e-4  # s per rollout (its loss; each ends at a leaf or at a prefix node)
+    constant: float = 5e-3  # s per microbatch
+    fit_error: float | None = None  # rms relative error of the fit that produced it, if any
+
+    def __post_init__(self):
+        for name in FEATURES:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """[5] in the order of ``FEATURES``."""
+        return np.array([getattr(self, name) for name in FEATURES], dtype=np.float64)
+
+    @staticmethod
+    def features(forest: PrefixForest) -> np.ndarray:
+        """[5] features of one microbatch holding the rollouts of ``forest``, in ``FEATURES`` order."""
+        pairs = sum(_triangle(n.end) - _triangle(n.offset) for n in forest.nodes)
+        return np.array([forest.unique_tokens, pairs, len(forest.nodes), len(forest.sequences), 1],
+                        dtype=np.float64)
+
+    def predict(self, forest_or_features: PrefixForest | np.ndarray) -> float | np.ndarray:
+        """Seconds for a forest, a feature vector [5], or a matrix of them [rows, 5]."""
+        if isinstance(forest_or_features, PrefixForest):
+            forest_or_features = self.features(forest_or_features)
+        return np.asarray(forest_or_features, dtype=np.float64) @ self.coefficients
+
+    @classmethod
+    def fit(cls, features_RF: np.ndarray, seconds_R: np.ndarray) -> tuple[CostModel, float]:
+        """Fit coefficients >= 0 to measured ``seconds`` of microbatches with ``features`` rows.
+
+        Minimises the relative error (each row divided by its time), since timings span orders of
+        magnitude. Returns the model and its rms relative error, also kept as ``fit_error``.
+        """
+        features_RF = np.asarray(features_RF, dtype=np.float64)
+        seconds_R = np.asarray(seconds_R, dtype=np.float64)
+        if features_RF.ndim != 2 or features_RF.shape[1] != len(FEATURES) or len(features_RF) != len(seconds_R):
+            raise ValueError(f"fit needs features [rows, {len(FEATURES)}] and one time per row, got "
+                             f"{features_RF.shape} and {seconds_R.shape}")
+        if not np.all(seconds_R > 0):
+            raise ValueError("every measured time must be > 0 seconds")
+        coef = nnls(features_RF / seconds_R[:, None], np.ones(len(seconds_R)))
+        error = float(np.sqrt(np.mean((features_RF @ coef / seconds_R - 1) ** 2)))
+        return cls(**dict(zip(FEATURES, coef.tolist())), fit_error=error), error
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ValueError(f"{path}: a cost model file is a JSON object with keys among {sorted(known)}; "
+                             f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        return cls(**data)
+
+
+class _Layout:
+    """The batch's rollouts in DFS order, with what each shares with its predecessor.
+
+    For positions p < q of one tree, the common prefix of rollouts p and q is the minimum of
+    ``lcp[p+1 .. q]``, so a set of positions' features are the members' own minus the overlaps of
+    consecutive members; for a contiguous range that is a prefix-sum difference.
+    """
+
+    def __init__(self, forest: PrefixForest, model: CostModel):
+        nodes = forest.nodes
+        parent = [n.parent for n in nodes]
+        dfs_out = forest.dfs_out.tolist()
+        terminal = [p[-1] for p in forest.paths]
+        n = len(terminal)
+        self.order = np.array(sorted(range(n), key=lambda i: (terminal[i], i)), dtype=np.int64)
+        lca_depth = np.zeros(n, dtype=np.int64)
+        lcp = np.zeros(n, dtype=np.int64)
+        prev = -1
+        for k, i in enumerate(self.order.tolist()):
+            w = terminal[i]
+            if prev >= 0:  # climb to the deepest ancestor of both (pre-order ids: prev <= w)
+                while w >= 0 and not w <= prev < dfs_out[w]:
+                    w = parent[w]
+                if w >= 0:
+                    lca_depth[k], lcp[k] = nodes[w].depth, nodes[w].end
+            prev = terminal[i]
+        length = np.array([len(forest.sequences[i]) for i in self.order], dtype=np.int64)
+        depth = np.array([nodes[terminal[i]].depth for i in self.order], dtype=np.int64)
+        ones = np.ones(n, dtype=np.int64)
+        self.full_NF = np.stack([length, _triangle(length), depth, ones, 0 * ones], axis=1)
+        self.shared_NF = np.stack([lcp, _triangle(lcp), lca_depth, 0 * ones, 0 * ones], axis=1)
+        self.lcp = lcp
+        self.lca_depth = lca_depth
+        self.model = model
+        coef = model.coefficients
+        coef[-1] = 0.0  # units carry no per-microbatch constant
+        self.full_cost = self.full_NF @ coef
+        self.shared_cost = self.shared_NF @ coef  # recomputed if a piece starts here
+        self.cum_cost = np.cumsum((self.full_NF - self.shared_NF) @ coef)
+        self.cum_tokens = np.cumsum(length - lcp)
+        starts = np.flatnonzero(lcp == 0)
+        self.tree_of = np.cumsum(lcp == 0) - 1  # [n] tree index of each position
+        self.trees = list(zip(starts.tolist(), [*starts[1:].tolist(), n]))
+        self.unique_tokens = int(self.cum_tokens[-1]) if n else 0
+
+    def cost(self, a: int, b: int) -> float:
+        """Cost of the contiguous positions [a, b) without the microbatch constant."""
+        return float(self.full_cost[a] + self.cum_cost[b - 1] - self.cum_cost[a])
+
+    def tokens(self, a: int, b: int) -> int:
+        return int(self.full_NF[a, 0] + self.cum_tokens[b - 1] - self.cum_tokens[a])
+
+    def features(self, positions: np.ndarray) -> np.ndarray:
+        """[5] features of one microbatch holding the rollouts at sorted DFS ``positions``.
+
+        Exact for tokens, attention pairs and rollouts; nodes counts the batch forest's nodes on the
+        members' paths, which can exceed the microbatch's own trie by at most its cut count.
+        """
+        out = np.zeros(len(FEATURES), dtype=np.float64)
+        out[-1] = 1.0
+        if len(positions) == 0:
+            return out
+        out += self.full_NF[positions].sum(axis=0)
+        if len(positions) > 1:
+            top = positions[-1] + 1
+            overlap = np.minimum.reduceat(self.lcp[:top], positions[:-1] + 1)
+            overlap_depth = np.minimum.reduceat(self.lca_depth[:top], positions[:-1] + 1)
+            out[0] -= overlap.sum()
+            out[1] -= _triangle(overlap).sum()
+            out[2] -= overlap_depth.sum()
+        return out
+
+    def _measure(self, by_tokens: bool):
+        """(own, cumulative) arrays of cost or tokens: a piece [a, e) measures own[a] + cum[e-1] - cum[a]."""
+        return (self.full_NF[:, 0], self.cum_tokens) if by_tokens else (self.full_cost, self.cum_cost)
+
+    def fitting_prefix(self, a: int, b: int, limit: float, by_tokens: bool) -> int:
+        """Rollouts k >= 1 in the longest piece [a, a + k) within ``limit`` (at least one)."""
+        own, cum = self._measure(by_tokens)
+        return max(1, int(np.searchsorted(cum[a:b], limit - own[a] + cum[a], "right")))
+
+    def rest_starts(self, a: int, b: int, limit: float, by_tokens: bool) -> list[int]:
+        """Greedy from the right: ``starts[k - 1]`` is the first position e from which [e, b) fits in k
+        pieces within ``limit``; ``len(starts)`` pieces are needed for [a, b) (optimal for any a).
+
+        A piece [c, d) measures own[c] - cum[c] + cum[d-1], and own[c] - cum[c] never grows with c
+        (dropping a piece's first rollout never adds work), so each start is one binary search.
+        """
+        own, cum = self._measure(by_tokens)
+        slack = cum - own  # non-decreasing
+        starts, d = [], b
+        while d > a:
+            d = min(d - 1, a + int(np.searchsorted(slack[a:d], cum[d - 1] - limit)))
+            starts.append(d)
+        return starts
+
+    def cut(self, a: int, b: int, limit: float, by_tokens: bool = False) -> list[tuple[int, int]]:
+        """Cut [a, b) into the fewest pieces within ``limit`` (a rollout over it stays whole).
+
+        Left to right, each cut is the one duplicating the fewest tokens (the latest on ties) among
+        those keeping the piece within the limit and the rest within one piece fewer.
+        """
+        starts = self.rest_starts(a, b, limit, by_tokens)
+        pieces = []
+        for need in range(len(starts), 1, -1):
+            lo = starts[need - 2]
+            hi = max(lo, min(a + self.fitting_prefix(a, b, limit, by_tokens), b - 1))
+            e = self.cheapest_cut(lo, hi)
+            pieces.append((a, e))
+            a = e
+        pieces.append((a, b))
+        return pieces
+
+    def cheapest_cut(self, lo: int, hi: int) -> int:
+        """The cut position e in [lo, hi] duplicating the fewest tokens (lcp[e]); the last on ties."""
+        return hi - int(np.argmin(self.lcp[lo:hi + 1][::-1]))
+
+    def end_reaching(self, a: int, b: int, target: float) -> int:
+        """Smallest e in (a, b] whose piece [a, e) has at least ``target`` tokens; b if none."""
+        cum = self.cum_tokens
+        return min(b, a + 1 + int(np.searchsorted(cum[a:b], target - self.full_NF[a, 0] + cum[a])))
+
+    def pieces_needed(self, a: int, b: int, max_cost: float, max_tokens: float) -> int:
+        """A lower bound on the pieces any split of tree [a, b) within the limits has: every piece
+        after the first recomputes at least the tree's root node."""
+        if b - a < 2:
+            return 1
+        root_cost, root_tokens = self.shared_cost[a + 1:b].min(), self.lcp[a + 1:b].min()
+        need = 1
+        for total, limit, root in ((self.cost(a, b), max_cost, root_cost), (self.tokens(a, b), max_tokens, root_tokens)):
+            if total > limit:
+                need = max(need, math.ceil((total - root) / (limit - root)) if limit > root else b - a)
+        return min(need, b - a)
+
+
+class Microbatch(NamedTuple):
+    rank: int
+    index: int
+    sequences: list[int]  # rollout indices, ascending (file order)
+
+
+@dataclass
+class BalancePlan:
+    """Who computes what: ``num_microbatches`` microbatches on each of ``len(rank_costs)`` ranks."""
+
+    microbatches: list[Microbatch]  # ordered by rank, then index
+    microbatch_tokens: list[int]  # unique tokens of each microbatch
+    rank_costs: np.ndarray  # [ranks] predicted seconds (microbatch constants included)
+    num_microbatches: int
+    unique_tokens: int  # of the whole batch
+    duplicated_tokens: int  # sum of microbatch unique tokens - unique tokens of the batch
+    lower_bound: float  # no plan's imbalance is below this: the largest rollout alone on a rank
+    # Estimated floor of duplicated tokens: every tree over a microbatch's token limit or over
+    # (1 + tolerance) x the ideal rank cost split into the fewest pieces, each recomputing its root.
+    duplication_lower_bound: int
+
+    @property
+    def imbalance(self) -> float:
+        """Max rank cost / mean rank cost (1.0 is perfect)."""
+        return float(self.rank_costs.max() / self.rank_costs.mean())
+
+    def for_rank(self, rank: int) -> list[list[int]]:
+        """The rollout indices of each of ``rank``'s microbatches, in order."""
+        k = self.num_microbatches
+        return [mb.sequences for mb in self.microbatches[rank * k:(rank + 1) * k]]
+
+    def to_json(self) -> dict:
+        return {
+            "microbatches": [mb._asdict() for mb in self.microbatches],
+            "imbalance": self.imbalance,
+            "duplicated_tokens": self.duplicated_tokens,
+            "unique_tokens": self.unique_tokens,
+            "num_microbatches": self.num_microbatches,
+            "rank_costs": self.rank_costs.tolist(),
+            "lower_bound": self.lower_bound,
+            "duplication_lower_bound": self.duplication_lower_bound,
+        }
+
+
+class _Assignment:
+    """Units (contiguous DFS ranges, or None once merged away) on ranks, and each rank's load: the
+    cost of the forest of all its rollouts, so pieces of one tree on one rank share their prefix."""
+
+    def __init__(self, layout: _Layout, units: list[tuple[int, int]], ranks: int, max_tokens: float):
+        self.layout = layout
+        self.max_tokens = max_tokens
+        self.units: list[tuple[int, int] | None] = list(units)
+        self.cost = [layout.cost(a, b) for a, b in units]
+        self.on: list[set[int]] = [set() for _ in range(ranks)]
+        self.owner = [-1] * len(units)
+        self.loads = np.zeros(ranks)  # estimates (sums of unit costs) until exact() is called
+        self.coef = layout.model.coefficients
+        self.coef[-1] = 0.0
+
+    def put(self, u: int, rank: int) -> None:
+        self.on[rank].add(u)
+        self.owner[u] = rank
+        self.loads[rank] += self.cost[u]
+
+    def take(self, u: int) -> None:
+        rank = self.owner[u]
+        self.on[rank].remove(u)
+        self.owner[u] = -1
+        self.loads[rank] -= self.cost[u]
+
+    def positions(self, units) -> np.ndarray:
+        return np.sort(np.concatenate([np.arange(*self.units[u]) for u in units] or [np.zeros(0, np.int64)]))
+
+    def exact(self, *ranks: int) -> None:
+        for r in ranks:
+            self.loads[r] = self.layout.features(self.positions(self.on[r])) @ self.coef
+
+    def lpt(self, size: Sequence[float]) -> None:
+        """Largest ``size`` first, each onto the rank with the least ``size`` so far."""
+        heap = [(0.0, r) for r in range(len(self.on))]
+        for u in sorted(range(len(self.units)), key=lambda u: -size[u]):
+            load, r = heapq.heappop(heap)
+            self.put(u, r)
+            heapq.heappush(heap, (load + size[u], r))
+        self.exact(*range(len(self.on)))
+
+    def split(self, u: int, e: int) -> int:
+        """Cut unit u at position e: u keeps [a, e), the returned new unit is [e, b) on no rank yet."""
+        a, b = self.units[u]
+        rank = self.owner[u]
+        self.take(u)
+        self.units[u] = (a, e)
+        self.cost[u] = self.layout.cost(a, e)
+        self.put(u, rank)
+        self.units.append((e, b))
+        self.cost.append(self.layout.cost(e, b))
+        self.owner.append(-1)
+        return len(self.units) - 1
+
+    def merge(self, rank: int) -> None:
+        """Join units on ``rank`` that are DFS neighbours while the result fits a microbatch."""
+        lay = self.layout
+        units = sorted(self.on[rank], key=lambda u: self.units[u])
+        for u, v in zip(units, units[1:]):
+            (a, e), (e2, b) = self.units[u], self.units[v]
+            if e == e2 and lay.tokens(a, b) <= self.max_tokens:
+                self.take(u)
+                self.take(v)
+                self.units[u], self.units[v] = None, (a, b)
+                self.cost[v] = lay.cost(a, b)
+                self.put(v, rank)
+
+    def refine(self, tolerance: float, max_rounds: int) -> None:
+        """Moves and swaps from the most to the least loaded rank; cuts while above the cap. Each
+        step is kept only if the exact loads of both ranks come out below the old maximum."""
+        for _ in range(max_rounds):
+            r, s = int(np.argmax(self.loads)), int(np.argmin(self.loads))
+            mean, top = self.loads.mean(), self.loads[r]
+            if top <= mean * (1 + tolerance / 2) or r == s:
+                return
+            steps = [self._move_or_swap]
+            if top > mean * (1 + tolerance):
+                steps.append(lambda r, s: self._cut_to(r, s, mean * (1 + tolerance)))
+            for step in steps:
+                undo = step(r, s)
+                if undo is None:
+                    continue
+                self.exact(r, s)
+                if max(self.loads[r], self.loads[s]) < top * (1 - 1e-9):
+                    self.merge(r)
+                    self.merge(s)
+                    self.exact(r, s)
+                    break
+                undo()
+                self.exact(r, s)
+            else:
+                return
+
+    def _move_or_swap(self, r: int, s: int):
+        """Best single move r -> s or swap between r and s by unit costs; returns its undo or None."""
+        gap = self.loads[r] - self.loads[s]
+        ur, us = list(self.on[r]), list(self.on[s])
+        cr = np.array([self.cost[u] for u in ur])
+        cs = np.array([self.cost[u] for u in us])
+        best, choice = self.loads[r] * (1 - 1e-9), None
+        if len(ur):
+            i = int(np.argmin(np.abs(cr - gap / 2)))
+            new = max(self.loads[r] - cr[i], self.loads[s] + cr[i])
+            if new < best:
+                best, choice = new, (ur[i], None)
+        if len(ur) and len(us):
+            order = np.argsort(cs)
+            cs, us = cs[order], [us[o] for o in order]
+            j = np.searchsorted(cs, cr - gap / 2)  # swap partners near cost(u) - gap / 2
+            for jj in (np.clip(j - 1, 0, len(us) - 1), np.clip(j, 0, len(us) - 1)):
+                d = cr - cs[jj]
+                new = np.maximum(self.loads[r] - d, self.loads[s] + d)
+                new[d <= 0] = np.inf
+                i = int(np.argmin(new))
+                if new[i] < best:
+                    best, choice = new[i], (ur[i], us[jj[i]])
+        if choice is None:
+            return None
+        u, v = choice
+        self.take(u)
+        self.put(u, s)
+        if v is not None:
+            self.take(v)
+            self.put(v, r)
+
+        def undo():
+            self.take(u)
+            self.put(u, r)
+            if v is not None:
+                self.take(v)
+                self.put(v, s)
+        return undo
+
+    def _cut_to(self, r: int, s: int, cap: float):
+        """Hand rank s a prefix or suffix piece of one of r's units, preferring (1) both ranks <= cap,
+        (2) filling s to between half its room and cap, (3) any lower maximum; fewest duplicated
+        tokens within a preference. Returns its undo, or None if no piece helps."""
+        lay, lr, ls = self.layout, self.loads[r], self.loads[s]
+        rows = []  # (unit, cut position e, moves the prefix?, new load r, new load s, duplicated)
+        for u in self.on[r]:
+            a, b = self.units[u]
+            if b - a < 2:
+                continue
+            e = np.arange(a + 1, b)
+            pre = lay.full_cost[a] + lay.cum_cost[e - 1] - lay.cum_cost[a]  # cost of [a, e)
+            suf = lay.full_cost[e] + lay.cum_cost[b - 1] - lay.cum_cost[e]  # cost of [e, b)
+            whole = self.cost[u]
+            for moves_prefix, gain, keep in ((True, pre, suf), (False, suf, pre)):
+                rows.append((np.full(len(e), u), e, np.full(len(e), moves_prefix),
+                             lr - whole + keep, ls + gain, lay.lcp[e]))
+        if not rows:
+            return None
+        unit, e, moves_prefix, new_r, new_s, dup = (np.concatenate(c) for c in zip(*rows))
+        worst = np.maximum(new_r, new_s)
+        room = cap - ls
+        for ok in (worst <= cap, (new_s <= cap) & (new_s - ls >= room / 2), worst < lr * (1 - 1e-9)):
+            if ok.any():
+                idx = np.flatnonzero(ok)
+                i = idx[np.lexsort((worst[idx], dup[idx]))[0]]
+                break
+        else:
+            return None
+        u, whole = int(unit[i]), self.units[int(unit[i])]
+        piece = self.split(u, int(e[i]))  # u keeps the prefix on r; piece is the suffix, on no rank
+        mover = u if moves_prefix[i] else piece
+        if mover == u:
+            self.take(u)
+            self.put(piece, r)
+        self.put(mover, s)
+
+        def undo():
+            self.take(u)
+            self.take(piece)
+            self.units.pop()
+            self.cost.pop()
+            self.owner.pop()
+            self.units[u], self.cost[u] = whole, lay.cost(*whole)
+            self.put(u, r)
+        return undo
+
+
+def _as_forest(batch) -> PrefixForest:
+    if not isinstance(batch, PrefixForest):
+        batch = PrefixForest([r.input_ids if isinstance(r, Rollout) else np.asarray(r) for r in batch])
+    if not batch.sequences:
+        raise ValueError("the batch has no rollouts: nothing to balance")
+    return batch
+
+
+def _check(ranks: int, max_tokens: int | None) -> float:
+    if not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens_per_microbatch must be >= 1 or None (no limit), got {max_tokens}")
+    return math.inf if max_tokens is None else max_tokens
+
+
+def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
+    """Per rank: cut units over the token limit, first-fit decreasing by tokens into microbatches
+    (the units of one tree together while they fit, so they share their prefix), then give every
+    rank the same number of microbatches."""
+    lay = asg.layout
+    bins_by_rank = []
+    for r in range(len(asg.on)):
+        for u in sorted(asg.on[r]):
+            pieces = lay.cut(*asg.units[u], max_tokens, by_tokens=True)
+            for _, e in reversed(pieces[:-1]):  # u keeps the first piece
+                asg.put(asg.split(u, e), r)
+        by_tree: dict[int, list[int]] = {}
+        for u in sorted(asg.on[r], key=lambda u: asg.units[u]):
+            by_tree.setdefault(int(lay.tree_of[asg.units[u][0]]), []).append(u)
+        items = []  # (tokens, units)
+        for units in by_tree.values():
+            together = int(lay.features(asg.positions(units))[0])
+            if together <= max_tokens:
+                items.append((together, units))
+            else:
+                items += [(lay.tokens(*asg.units[u]), [u]) for u in units]
+        bins: list[list[int]] = []
+        room = np.zeros(0)
+        for t, units in sorted(items, key=lambda item: (-item[0], asg.units[item[1][0]])):
+            fit = np.flatnonzero(room >= t)
+            if len(fit):
+                bins[fit[0]] += units
+                room[fit[0]] -= t
+            else:
+                bins.append(list(units))
+                room = np.append(room, max_tokens - t)
+        bins_by_rank.append(bins)
+    k = max(1, max(len(b) for b in bins_by_rank))
+    for r, bins in enumerate(bins_by_rank):
+        while len(bins) < k:
+            _add_microbatch(asg, r, bins)
+    return bins_by_rank
+
+
+def _add_microbatch(asg: _Assignment, rank: int, bins: list[list[int]]) -> None:
+    """One more microbatch on ``rank``: split the fullest multi-unit one, else cut a unit, else empty."""
+    lay = asg.layout
+    tokens = [sum(lay.tokens(*asg.units[u]) for u in b) for b in bins]
+    multi = [i for i, b in enumerate(bins) if len(b) > 1]
+    if multi:
+        i = max(multi, key=lambda i: tokens[i])
+        first, second, t1, t2 = [], [], 0, 0
+        for u in sorted(bins[i], key=lambda u: -lay.tokens(*asg.units[u])):
+            if t1 <= t2:
+                first.append(u)
+                t1 += lay.tokens(*asg.units[u])
+            else:
+                second.append(u)
+                t2 += lay.tokens(*asg.units[u])
+        bins[i:i + 1] = [first, second]
+        return
+    cuttable = [i for i, b in enumerate(bins) if b and asg.units[b[0]][1] - asg.units[b[0]][0] > 1]
+    if not cuttable:
+        bins.append([])  # fewer rollouts on this rank than microbatches on the others
+        return
+    i = max(cuttable, key=lambda i: tokens[i])
+    a, b = asg.units[bins[i][0]]
+    # The cheapest cut in the middle half by tokens.
+    lo = min(lay.end_reaching(a, b, tokens[i] / 4), b - 1)
+    e = lay.cheapest_cut(lo, max(lo, min(lay.end_reaching(a, b, 3 * tokens[i] / 4), b - 1)))
+    bins.append([asg.split(bins[i][0], e)])
+    asg.put(bins[-1][0], rank)
+
+
+def _plan(asg: _Assignment, max_tokens: float, tolerance: float = DEFAULT_TOLERANCE) -> BalancePlan:
+    lay = asg.layout
+    bins_by_rank = _pack(asg, max_tokens)
+    k = len(bins_by_rank[0])
+    coef = lay.model.coefficients
+    microbatches, mb_tokens = [], []
+    rank_costs = np.zeros(len(bins_by_rank))
+    for r, bins in enumerate(bins_by_rank):
+        for i, units in enumerate(bins):
+            pos = np.sort(np.concatenate([np.arange(*asg.units[u]) for u in units] or [np.zeros(0, np.int64)]))
+            feat = lay.features(pos)
+            rank_costs[r] += feat @ coef
+            mb_tokens.append(int(feat[0]))
+            microbatches.append(Microbatch(r, i, sorted(lay.order[pos].tolist())))
+    largest = float(lay.full_cost.max()) + k * lay.model.constant
+    # A plan whose ranks cost at most (1 + tolerance) x this plan's mean cuts every tree into at
+    # least pieces_needed pieces, each after the first recomputing at least the tree's root node.
+    cap = (rank_costs.mean() - k * lay.model.constant) * (1 + tolerance)
+    dup_bound = sum((lay.pieces_needed(a, b, cap, max_tokens) - 1) * int(lay.lcp[a + 1:b].min())
+                    for a, b in lay.trees if b - a > 1)
+    return BalancePlan(
+        microbatches=microbatches,
+        microbatch_tokens=mb_tokens,
+        rank_costs=rank_costs,
+        num_microbatches=k,
+        unique_tokens=lay.unique_tokens,
+        duplicated_tokens=int(sum(mb_tokens)) - lay.unique_tokens,
+        lower_bound=max(1.0, largest / rank_costs.mean()),
+        duplication_lower_bound=dup_bound,
+    )
+
+
+def balance(
+    batch: Sequence[Rollout | np.ndarray] | PrefixForest,
+    ranks: int,
+    max_tokens_per_microbatch: int | None = None,
+    cost_model: CostModel | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> BalancePlan:
+    """Partition ``batch`` (rollouts, token arrays, or their forest) over ``ranks``: whole trees by
+    predicted cost, cut along the DFS order where needed, refined to within ``1 + tolerance`` of the
+    mean where the batch allows it."""
+    max_tokens = _check(ranks, max_tokens_per_microbatch)
+    layout = _Layout(_as_forest(batch), cost_model or CostModel())
+
+    # Trees over the token limit are cut first so that the assignment sees microbatch-sized units.
+    fitted = [p for a, b in layout.trees for p in layout.cut(a, b, max_tokens, by_tokens=True)]
+
+    def attempt(limit: float) -> _Assignment:
+        """Units over ``limit`` cut into the fewest pieces within it, then longest first."""
+        units = [p for a, b in fitted for p in layout.cut(a, b, limit)]
+        asg = _Assignment(layout, units, ranks, max_tokens)
+        asg.lpt(asg.cost)
+        return asg
+
+    # The smallest limit at which cutting to it and LPT stay within it (bisection; LPT at the sum of
+    # all costs always does), and, for fewer cuts, the limit (1 + tolerance) x that plan's mean.
+    lo = max(layout.cum_cost[-1] / ranks, layout.full_cost.max())
+    hi = max(lo, float(layout.cum_cost[-1]))
+    best = attempt(hi)
+    while hi > lo * (1 + tolerance / 8):
+        mid = math.sqrt(lo * hi)
+        asg = attempt(mid)
+        if asg.loads.max() <= mid:
+            hi, best = mid, asg
+        else:
+            lo = mid
+    candidates = [best, attempt(best.loads.mean() * (1 + tolerance))]
+    for asg in candidates:
+        asg.refine(tolerance, max_rounds=20 * ranks + 1000)
+    within = [c for c in candidates if c.loads.max() <= c.loads.mean() * (1 + tolerance)]
+    if within:
+        asg = min(within, key=lambda c: sum(c.layout.features(c.positions(on))[0] for on in c.on))
+    else:
+        asg = min(candidates, key=lambda c: c.loads.max() / c.loads.mean())
+    return _plan(asg, max_tokens, tolerance)
+
+
+def round_robin(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
+                cost_model: CostModel | None = None) -> BalancePlan:
+    """Baseline: rollout i on rank i mod ranks, trees ignored."""
+    max_tokens = _check(ranks, max_tokens_per_microbatch)
+    layout = _Layout(_as_forest(batch), cost_model or CostModel())
+    position = np.empty(len(layout.order), dtype=np.int64)
+    position[layout.order] = np.arange(len(layout.order))
+    asg = _Assignment(layout, [(int(p), int(p) + 1) for p in position], ranks, max_tokens)
+    for i in range(len(position)):
+        asg.put(i, i % ranks)
+    return _plan(asg, max_tokens)
+
+
+def token_count_greedy(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
+                       cost_model: CostModel | None = None) -> BalancePlan:
+    """Baseline (AReaL-DTA's production balancer): whole trees, largest unique-token count first onto
+    the rank with the fewest tokens; trees are cut only to fit a microbatch."""
+    max_tokens = _check(ranks, max_tokens_per_microbatch)
+    layout = _Layout(_as_forest(batch), cost_model or CostModel())
+    asg = _Assignment(layout, layout.trees, ranks, max_tokens)
+    asg.lpt([layout.tokens(a, b) for a, b in layout.trees])
+    return _plan(asg, max_tokens)

@@ -1,0 +1,48 @@
+"""The parity step behind tools/dump_step.py: one forward+backward of the default loss, gathered.
+
+Used to compare modes, dtypes and parallel layouts with each other and with HF transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_dta.engine import Engine, EngineConfig
+from megatron_dta.losses import PolicyLoss
+from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
+from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_scalar, shard_indices
+from megatron_dta.rollouts import load_rollouts
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None):
+    """The dump dict on global rank 0, None elsewhere."""
+    layout = ParallelLayout.create(tp=tp)
+    if dp is not None and dp != layout.dp:
+        raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / tp {tp} = {layout.dp}")
+    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=DTYPES[dtype], device=layout.device)
+    rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
+    if len(rollouts) < layout.dp:
+        raise ValueError(f"{rollouts_path}: {len(rollouts)} rollouts cannot fill {layout.dp} data-parallel ranks")
+    mine = shard_indices(len(rollouts), layout.dp, layout.dp_rank)
+    loss_fn = PolicyLoss()
+    local = [rollouts[i] for i in mine]
+    denominator = all_reduce_scalar(loss_fn.local_denominator(local), layout.dp_group)
+    engine = Engine(model, EngineConfig(mode=mode, block_size=block_size), device=layout.device)
+    result = engine.forward_backward(local, loss_fn, denominator)
+    all_reduce_grads(model, layout.dp_group)
+    loss = all_reduce_scalar(result.loss.item(), layout.dp_group)
+    grads = gather_hf(model, "grad", layout.tp_group)
+    # logprobs of every DP rank to global rank 0, in file order
+    per_rank = [None] * layout.dp
+    if layout.dp > 1:
+        dist.all_gather_object(per_rank, [lp for lp in result.logprobs], group=layout.dp_group)
+    else:
+        per_rank = [result.logprobs]
+    if not layout.is_main:
+        return None
+    logprobs = [torch.from_numpy(lp).double() for chunk in per_rank for lp in chunk]
+    return {"logprobs": logprobs, "loss": torch.tensor(loss, dtype=torch.float64),
+            "grads": {k: v.double().cpu() for k, v in grads.items()}, "dtype": dtype, "mode": mode}

@@ -1,0 +1,83 @@
+"""One forward+backward of the default loss, dumped for parity checks (an interface).
+
+    python tools/dump_step.py --hf-checkpoint DIR --rollouts FILE.jsonl --mode {dense,sparse,dta}
+        --dtype {float32,float64} --out OUT.pt [--block-size N] [--tp N] [--dp N]
+    torchrun --nproc-per-node 2 tools/dump_step.py ... --tp 2
+    python tools/dump_step.py --assert-equal-to OTHER.pt --out OUT.pt   (compare two dumps)
+
+Rank 0 writes {"logprobs": [float64 [L_i] per rollout, file order], "loss": 0-dim float64,
+"grads": {HF parameter name: full unsharded float64 gradient}}. With DP > 1 the rollouts are
+spread over data-parallel ranks, the loss is normalized by the global token count and the
+gradients are all-reduced, so the dump equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def compare(a: dict, b: dict, dtype: str) -> list[str]:
+    """Worst differences beyond a dtype-aware tolerance (float64: round-off; float32: 1e-4)."""
+    lp_tol, grad_rel = (1e-10, 1e-9) if dtype == "float64" else (1e-4, 1e-4)
+    bad = []
+    for i, (x, y) in enumerate(zip(a["logprobs"], b["logprobs"])):
+        err = (x - y).abs().max().item() if len(x) else 0.0
+        if x.shape != y.shape or err > lp_tol:
+            bad.append(f"logprobs[{i}]: max abs diff {err:.3e} > {lp_tol}")
+    if len(a["logprobs"]) != len(b["logprobs"]):
+        bad.append(f"rollout count {len(a['logprobs'])} != {len(b['logprobs'])}")
+    loss_err = abs(a["loss"].item() - b["loss"].item())
+    if loss_err > lp_tol * max(1.0, abs(b["loss"].item())):
+        bad.append(f"loss: |{a['loss'].item()} - {b['loss'].item()}| = {loss_err:.3e}")
+    for name in sorted(set(a["grads"]) | set(b["grads"])):
+        if name not in a["grads"] or name not in b["grads"]:
+            bad.append(f"grads[{name}]: present in only one dump")
+            continue
+        x, y = a["grads"][name], b["grads"][name]
+        rel = ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
+        if rel > grad_rel and (x - y).abs().max().item() > 1e-14:
+            bad.append(f"grads[{name}]: relative diff {rel:.3e} > {grad_rel}")
+    return bad
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-checkpoint", help="local HF checkpoint directory (config.json + *.safetensors)")
+    ap.add_argument("--rollouts", help="rollout file (JSON Lines)")
+    ap.add_argument("--mode", choices=["dense", "sparse", "dta"], default="dta")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    ap.add_argument("--block-size", type=int, default=2048, help="dta: max tokens per unit (chunk size)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / tp)")
+    ap.add_argument("--out", required=True, help="dump file (torch.save), or the dump to check")
+    ap.add_argument("--assert-equal-to", metavar="OTHER.pt", help="compare --out with OTHER.pt and exit 1 on a difference")
+    args = ap.parse_args(argv)
+
+    if args.assert_equal_to:
+        a = torch.load(args.out, weights_only=False)
+        b = torch.load(args.assert_equal_to, weights_only=False)
+        dtype = a.get("dtype", args.dtype)
+        bad = compare(a, b, dtype)
+        for line in bad[:20]:
+            print(line)
+        print("EQUAL" if not bad else f"DIFFERENT ({len(bad)} tensors beyond tolerance, dtype {dtype})")
+        return 1 if bad else 0
+    if not args.hf_checkpoint or not args.rollouts:
+        ap.error("--hf-checkpoint and --rollouts are required unless --assert-equal-to is given")
+
+    from megatron_dta.cli_util import user_errors
+    from megatron_dta.parity import dump_step
+
+    with user_errors():
+        dump = dump_step(args.hf_checkpoint, args.rollouts, args.mode, args.dtype, args.block_size, args.tp, args.dp)
+        if dump is not None:
+            torch.save(dump, args.out)
+            print(f"wrote {args.out}: {len(dump['logprobs'])} rollouts, loss {dump['loss'].item():.12g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

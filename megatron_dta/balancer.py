@@ -1,29 +1,34 @@
 """Cost model and partitioner: which rollouts each rank computes, in which microbatch.
 
-The cost of one microbatch on one rank is linear in five features of the prefix forest of its
-rollouts (``CostModel``): unique tokens (linear layers), query-key pairs of tree attention, nodes
-(one DFS push/pop each), rollouts (one loss each) and a constant. Its coefficients are fitted to
-timings by non-negative least squares (``CostModel.fit``, used by ``tools/calibrate.py``).
+The cost of one microbatch is linear in five features of the prefix forest of its rollouts
+(``CostModel``): unique tokens (linear layers), causal query-key pairs of tree attention, nodes
+(one DFS push/pop each), rollouts (one loss each) and a constant. The coefficients are fitted to
+measured timings by non-negative least squares (``CostModel.fit``, used by ``tools/calibrate.py``).
 
-``balance`` splits a batch over ``ranks``:
+``balance`` splits a batch over ``ranks``. Rollouts are laid out in the forest's DFS order, where
+a contiguous range of rollouts (a *unit*: a tree, or a piece of one) costs a prefix-sum difference,
+and a cut between DFS neighbours duplicates exactly their common prefix (the piece after the cut
+recomputes its ancestor path). Then:
 
-1. Units are whole trees (rollouts sharing a root). A tree with more unique tokens than
-   ``max_tokens_per_microbatch``, or costing more than a rank's share, is cut along the DFS order
-   of its rollouts, each cut where the two sides share the fewest tokens: a piece recomputes its
-   ancestor path, so a cut between DFS neighbours duplicates exactly their common prefix.
-2. Longest processing time first, then refinement: moves and swaps between the most and least
-   loaded ranks; a rank still above ``(1 + tolerance)`` x the mean hands a cut piece of one of its
-   units to the least loaded rank (again at the cheapest cut in the feasible window).
+1. Units: trees, cut into the fewest pieces that fit a limit and ``max_tokens_per_microbatch``,
+   each cut at the position duplicating the fewest tokens (``_Layout.cut``); or trees split into
+   the subtrees under their top node (``_Layout.explode``). The limit is bisected down to the
+   smallest at which longest-processing-time-first stays within it.
+2. Refinement of the most loaded rank (``_Assignment.refine``): shift a boundary with a DFS
+   neighbour held by another rank (no new cut), move or swap units with the least loaded rank,
+   or, above ``(1 + tolerance)`` x the mean, hand it a cut piece (maybe for a unit back). Loads
+   are exact forest costs, so pieces of one tree on one rank share their prefix.
 3. Per rank, first-fit decreasing into microbatches of at most ``max_tokens_per_microbatch``
-   unique tokens; every rank then gets the largest count: extra microbatches come from splitting a
-   multi-unit microbatch (free), else from cutting a unit (duplicates its cut prefix), and only a
-   rank with fewer rollouts than microbatches gets an empty one.
+   unique tokens (a rank's units of one tree together while they fit). Every rank gets the same
+   count: extra microbatches come from splitting a multi-unit microbatch, else from taking a small
+   unit from the most loaded rank, else from cutting a unit; a rank gets an empty microbatch only
+   when it has fewer rollouts than the others have microbatches.
 
-Invariant: every rollout is in exactly one microbatch, and every rank has the same number of
-microbatches. A single rollout larger than ``max_tokens_per_microbatch`` is alone in its
-microbatch (it cannot be cut). Everything works on sequence positions in the forest's DFS order,
-where any set of rollouts' unique tokens is a sum over its members minus neighbour overlaps, so a
-unit or microbatch costs O(its rollouts) to evaluate. Pure numpy: no torch here.
+Of the candidate plans (cut or explode, at the bisected limit or at 1 + tolerance times its mean)
+the one with the least loaded most loaded rank (the step time) wins; ties go to fewer duplicated
+tokens. Invariants: every rollout is in exactly one microbatch; every rank has the same number of
+microbatches; a microbatch has at most ``max_tokens_per_microbatch`` unique tokens unless it is a
+single rollout over the limit. Pure numpy: no torch here.
 """
 
 from __future__ import annotations
@@ -195,13 +200,18 @@ class _Layout:
         coef = model.coefficients
         coef[-1] = 0.0  # units carry no per-microbatch constant
         self.full_cost = self.full_NF @ coef
-        self.shared_cost = self.shared_NF @ coef  # recomputed if a piece starts here
         self.cum_cost = np.cumsum((self.full_NF - self.shared_NF) @ coef)
         self.cum_tokens = np.cumsum(length - lcp)
+        self.slack_cost = self.cum_cost - self.full_cost  # non-decreasing (see rest_starts)
+        self.slack_tokens = self.cum_tokens - length
+        self.shared_cost = self.shared_NF @ coef  # recomputed if a piece starts here
         starts = np.flatnonzero(lcp == 0)
         self.tree_of = np.cumsum(lcp == 0) - 1  # [n] tree index of each position
         self.trees = list(zip(starts.tolist(), [*starts[1:].tolist(), n]))
         self.unique_tokens = int(self.cum_tokens[-1]) if n else 0
+        # What any two pieces of a tree share: its root node (the least shared by DFS neighbours).
+        self.tree_root_cost = np.array([self.shared_cost[a + 1:b].min(initial=np.inf) if b - a > 1 else 0.0
+                                        for a, b in self.trees])
 
     def cost(self, a: int, b: int) -> float:
         """Cost of the contiguous positions [a, b) without the microbatch constant."""
@@ -230,55 +240,82 @@ class _Layout:
             out[2] -= overlap_depth.sum()
         return out
 
-    def _measure(self, by_tokens: bool):
-        """(own, cumulative) arrays of cost or tokens: a piece [a, e) measures own[a] + cum[e-1] - cum[a]."""
-        return (self.full_NF[:, 0], self.cum_tokens) if by_tokens else (self.full_cost, self.cum_cost)
+    def _shared_cost(self, lcp: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        coef = self.model.coefficients
+        return coef[0] * lcp + coef[1] * _triangle(lcp) + coef[2] * depth
 
-    def fitting_prefix(self, a: int, b: int, limit: float, by_tokens: bool) -> int:
-        """Rollouts k >= 1 in the longest piece [a, a + k) within ``limit`` (at least one)."""
-        own, cum = self._measure(by_tokens)
-        return max(1, int(np.searchsorted(cum[a:b], limit - own[a] + cum[a], "right")))
+    def shared_from(self, x: int | None, a: int, b: int) -> np.ndarray:
+        """[b - a] cost of the common prefix of rollout x (< a) and each rollout in [a, b)."""
+        if x is None:
+            return np.zeros(b - a)
+        lcp = np.minimum.accumulate(self.lcp[x + 1:b])[a - x - 1:]
+        depth = np.minimum.accumulate(self.lca_depth[x + 1:b])[a - x - 1:]
+        return self._shared_cost(lcp, depth)
 
-    def rest_starts(self, a: int, b: int, limit: float, by_tokens: bool) -> list[int]:
+    def shared_to(self, a: int, b: int, y: int | None) -> np.ndarray:
+        """[b - a] cost of the common prefix of each rollout in [a, b) and rollout y (>= b)."""
+        if y is None:
+            return np.zeros(b - a)
+        lcp = np.minimum.accumulate(self.lcp[a + 1:y + 1][::-1])[::-1][:b - a]
+        depth = np.minimum.accumulate(self.lca_depth[a + 1:y + 1][::-1])[::-1][:b - a]
+        return self._shared_cost(lcp, depth)
+
+    def fitting_prefix(self, a: int, b: int, max_cost: float, max_tokens: float) -> int:
+        """Rollouts k >= 1 in the longest piece [a, a + k) within both limits (at least one)."""
+        kc = np.searchsorted(self.cum_cost[a:b], max_cost - self.full_cost[a] + self.cum_cost[a], "right")
+        kt = np.searchsorted(self.cum_tokens[a:b], max_tokens - self.full_NF[a, 0] + self.cum_tokens[a], "right")
+        return max(1, int(min(kc, kt)))
+
+    def rest_starts(self, a: int, b: int, max_cost: float, max_tokens: float) -> list[int]:
         """Greedy from the right: ``starts[k - 1]`` is the first position e from which [e, b) fits in k
-        pieces within ``limit``; ``len(starts)`` pieces are needed for [a, b) (optimal for any a).
+        pieces within the limits; ``len(starts)`` pieces are needed for [a, b) (optimal for any a).
 
-        A piece [c, d) measures own[c] - cum[c] + cum[d-1], and own[c] - cum[c] never grows with c
-        (dropping a piece's first rollout never adds work), so each start is one binary search.
+        A piece [c, d) costs own[c] - cum[c] + cum[d-1], and cum[c] - own[c] never falls as c grows
+        (dropping a piece's first rollout never adds work), so each start is a binary search.
         """
-        own, cum = self._measure(by_tokens)
-        slack = cum - own  # non-decreasing
         starts, d = [], b
         while d > a:
-            d = min(d - 1, a + int(np.searchsorted(slack[a:d], cum[d - 1] - limit)))
+            c = max(np.searchsorted(self.slack_cost[a:d], self.cum_cost[d - 1] - max_cost),
+                    np.searchsorted(self.slack_tokens[a:d], self.cum_tokens[d - 1] - max_tokens))
+            d = min(d - 1, a + int(c))
             starts.append(d)
         return starts
 
-    def cut(self, a: int, b: int, limit: float, by_tokens: bool = False) -> list[tuple[int, int]]:
-        """Cut [a, b) into the fewest pieces within ``limit`` (a rollout over it stays whole).
+    def cut(self, a: int, b: int, max_cost: float = math.inf, max_tokens: float = math.inf) -> list[tuple[int, int]]:
+        """Cut [a, b) into the fewest pieces within both limits (a rollout over them stays whole).
 
         Left to right, each cut is the one duplicating the fewest tokens (the latest on ties) among
-        those keeping the piece within the limit and the rest within one piece fewer.
+        those keeping the piece within the limits and the rest within one piece fewer.
         """
-        starts = self.rest_starts(a, b, limit, by_tokens)
+        if self.cost(a, b) <= max_cost and self.tokens(a, b) <= max_tokens:
+            return [(a, b)]
+        starts = self.rest_starts(a, b, max_cost, max_tokens)
         pieces = []
         for need in range(len(starts), 1, -1):
             lo = starts[need - 2]
-            hi = max(lo, min(a + self.fitting_prefix(a, b, limit, by_tokens), b - 1))
+            hi = max(lo, min(a + self.fitting_prefix(a, b, max_cost, max_tokens), b - 1))
             e = self.cheapest_cut(lo, hi)
             pieces.append((a, e))
             a = e
         pieces.append((a, b))
         return pieces
 
+    def explode(self, a: int, b: int, max_cost: float, max_tokens: float) -> list[tuple[int, int]]:
+        """Split [a, b) into the subtrees under its top node, recursively while over a limit."""
+        out, todo = [], [(a, b)]
+        while todo:
+            a, b = todo.pop()
+            if b - a < 2 or (self.cost(a, b) <= max_cost and self.tokens(a, b) <= max_tokens):
+                out.append((a, b))
+                continue
+            inner = self.lcp[a + 1:b]
+            bounds = [a, *(a + 1 + np.flatnonzero(inner == inner.min())).tolist(), b]
+            todo += zip(bounds[:-1], bounds[1:])
+        return sorted(out)
+
     def cheapest_cut(self, lo: int, hi: int) -> int:
         """The cut position e in [lo, hi] duplicating the fewest tokens (lcp[e]); the last on ties."""
         return hi - int(np.argmin(self.lcp[lo:hi + 1][::-1]))
-
-    def end_reaching(self, a: int, b: int, target: float) -> int:
-        """Smallest e in (a, b] whose piece [a, e) has at least ``target`` tokens; b if none."""
-        cum = self.cum_tokens
-        return min(b, a + 1 + int(np.searchsorted(cum[a:b], target - self.full_NF[a, 0] + cum[a])))
 
     def pieces_needed(self, a: int, b: int, max_cost: float, max_tokens: float) -> int:
         """A lower bound on the pieces any split of tree [a, b) within the limits has: every piece
@@ -338,19 +375,48 @@ class BalancePlan:
 
 
 class _Assignment:
-    """Units (contiguous DFS ranges, or None once merged away) on ranks, and each rank's load: the
-    cost of the forest of all its rollouts, so pieces of one tree on one rank share their prefix."""
+    """Units (contiguous ranges of DFS positions; None once merged away) on ranks, and each rank's
+    load: the cost of the forest of all its rollouts, so its pieces of one tree share a prefix."""
 
     def __init__(self, layout: _Layout, units: list[tuple[int, int]], ranks: int, max_tokens: float):
         self.layout = layout
         self.max_tokens = max_tokens
-        self.units: list[tuple[int, int] | None] = list(units)
-        self.cost = [layout.cost(a, b) for a, b in units]
+        self.units: list[tuple[int, int] | None] = []
+        self.cost: list[float] = []
+        self.owner: list[int] = []
+        self.at_start: dict[int, int] = {}  # first position -> unit
+        self.at_end: dict[int, int] = {}  # one past the last position -> unit
         self.on: list[set[int]] = [set() for _ in range(ranks)]
-        self.owner = [-1] * len(units)
         self.loads = np.zeros(ranks)  # estimates (sums of unit costs) until exact() is called
         self.coef = layout.model.coefficients
         self.coef[-1] = 0.0
+        for unit in units:
+            self.new_unit(unit)
+
+    def new_unit(self, unit: tuple[int, int]) -> int:
+        self.units.append(None)
+        self.cost.append(0.0)
+        self.owner.append(-1)
+        self.set(len(self.units) - 1, unit)
+        return len(self.units) - 1
+
+    def set(self, u: int, unit: tuple[int, int] | None) -> None:
+        """Give unit u a new range (None: drop it), keeping the indexes and its rank's load."""
+        rank = self.owner[u]
+        if rank >= 0:
+            self.take(u)
+        if self.units[u] is not None:
+            a, b = self.units[u]
+            if self.at_start.get(a) == u:
+                del self.at_start[a]
+            if self.at_end.get(b) == u:
+                del self.at_end[b]
+        self.units[u] = unit
+        if unit is not None:
+            self.at_start[unit[0]], self.at_end[unit[1]] = u, u
+            self.cost[u] = self.layout.cost(*unit)
+            if rank >= 0:
+                self.put(u, rank)
 
     def put(self, u: int, rank: int) -> None:
         self.on[rank].add(u)
@@ -379,84 +445,144 @@ class _Assignment:
             heapq.heappush(heap, (load + size[u], r))
         self.exact(*range(len(self.on)))
 
+    def lpt_shared(self) -> None:
+        """Largest unit first onto the rank where it ends least loaded: the least loaded rank, or
+        one already holding a unit of its tree, which then adds the unit minus the tree's root."""
+        lay = self.layout
+        heap = [(0.0, r) for r in range(len(self.on))]
+        holders: dict[int, list[int]] = {}
+        for u in sorted(range(len(self.units)), key=lambda u: -self.cost[u]):
+            while heap[0][0] != self.loads[heap[0][1]]:  # drop entries made stale below
+                heapq.heapreplace(heap, (self.loads[heap[0][1]], heap[0][1]))
+            r, new = heap[0][1], heap[0][0] + self.cost[u]
+            tree = int(lay.tree_of[self.units[u][0]])
+            held = holders.setdefault(tree, [])
+            if held:
+                loads = self.loads[held] + self.cost[u] - lay.tree_root_cost[tree]
+                i = int(np.argmin(loads))
+                if loads[i] < new:
+                    r, new = held[i], loads[i]
+            self.put(u, r)
+            self.loads[r] = new
+            if r == heap[0][1]:
+                heapq.heapreplace(heap, (new, r))
+            else:
+                heapq.heappush(heap, (new, r))
+            if r not in held:
+                held.append(r)
+        self.exact(*range(len(self.on)))
+
     def split(self, u: int, e: int) -> int:
         """Cut unit u at position e: u keeps [a, e), the returned new unit is [e, b) on no rank yet."""
         a, b = self.units[u]
-        rank = self.owner[u]
-        self.take(u)
-        self.units[u] = (a, e)
-        self.cost[u] = self.layout.cost(a, e)
-        self.put(u, rank)
-        self.units.append((e, b))
-        self.cost.append(self.layout.cost(e, b))
-        self.owner.append(-1)
-        return len(self.units) - 1
+        self.set(u, (a, e))
+        return self.new_unit((e, b))
 
     def merge(self, rank: int) -> None:
         """Join units on ``rank`` that are DFS neighbours while the result fits a microbatch."""
-        lay = self.layout
-        units = sorted(self.on[rank], key=lambda u: self.units[u])
-        for u, v in zip(units, units[1:]):
-            (a, e), (e2, b) = self.units[u], self.units[v]
-            if e == e2 and lay.tokens(a, b) <= self.max_tokens:
-                self.take(u)
-                self.take(v)
-                self.units[u], self.units[v] = None, (a, b)
-                self.cost[v] = lay.cost(a, b)
-                self.put(v, rank)
+        for u in sorted(self.on[rank], key=lambda u: self.units[u]):
+            v = self.at_start.get(self.units[u][1]) if self.units[u] else None
+            if v is not None and self.owner[v] == rank:
+                (a, _), (_, b) = self.units[u], self.units[v]
+                if self.layout.tokens(a, b) <= self.max_tokens:
+                    self.set(u, None)
+                    self.set(v, (a, b))
 
-    def refine(self, tolerance: float, max_rounds: int) -> None:
-        """Moves and swaps from the most to the least loaded rank; cuts while above the cap. Each
-        step is kept only if the exact loads of both ranks come out below the old maximum."""
+    def refine(self, tolerance: float, max_rounds: int, tries: int = 32) -> None:
+        """Improve the most loaded rank r: move the boundary between one of its units and a DFS
+        neighbour on another rank; else move or swap units with the least loaded rank s; else (above
+        the cap) hand s a cut piece, maybe for a unit back. Candidates are ranked by estimated loads;
+        the first of ``tries`` whose exact loads both end below r's old load is kept."""
         for _ in range(max_rounds):
             r, s = int(np.argmax(self.loads)), int(np.argmin(self.loads))
             mean, top = self.loads.mean(), self.loads[r]
             if top <= mean * (1 + tolerance / 2) or r == s:
                 return
-            steps = [self._move_or_swap]
+            steps = [self._shift(r), self._move_or_swap(r, s)]
             if top > mean * (1 + tolerance):
-                steps.append(lambda r, s: self._cut_to(r, s, mean * (1 + tolerance)))
-            for step in steps:
-                undo = step(r, s)
-                if undo is None:
-                    continue
-                self.exact(r, s)
-                if max(self.loads[r], self.loads[s]) < top * (1 - 1e-9):
-                    self.merge(r)
-                    self.merge(s)
-                    self.exact(r, s)
-                    break
-                undo()
-                self.exact(r, s)
-            else:
+                steps.append(self._cut_to(r, s, mean * (1 + tolerance)))
+            if not any(self._try(r, top, step[:tries]) for step in steps):
                 return
 
-    def _move_or_swap(self, r: int, s: int):
-        """Best single move r -> s or swap between r and s by unit costs; returns its undo or None."""
-        gap = self.loads[r] - self.loads[s]
+    def _try(self, r: int, top: float, candidates) -> bool:
+        for apply in candidates:
+            other, undo = apply()
+            self.exact(r, other)
+            if max(self.loads[r], self.loads[other]) < top * (1 - 1e-9):
+                self.merge(r)
+                self.merge(other)
+                self.exact(r, other)
+                return True
+            undo()
+            self.exact(r, other)
+        return False
+
+    def _shift(self, r: int) -> list:
+        """Moves of the boundary between a unit of r and its DFS neighbour on another rank, best
+        estimated first (each to where the larger of the two loads is least)."""
+        lay, found = self.layout, []
+        for u in self.on[r]:
+            a, b = self.units[u]
+            if b - a < 2:
+                continue
+            e = np.arange(a + 1, b)
+            for v, right in ((self.at_start.get(b), True), (self.at_end.get(a), False)):
+                if v is None or self.owner[v] == r:
+                    continue
+                s = self.owner[v]
+                if right:  # u keeps [a, e), v grows to [e, b2)
+                    b2 = self.units[v][1]
+                    keep = lay.full_cost[a] + lay.cum_cost[e - 1] - lay.cum_cost[a]
+                    grow = lay.full_cost[e] + lay.cum_cost[b2 - 1] - lay.cum_cost[e]
+                    grow_tokens = lay.full_NF[e, 0] + lay.cum_tokens[b2 - 1] - lay.cum_tokens[e]
+                else:  # u keeps [e, b), v grows to [a0, e)
+                    a0 = self.units[v][0]
+                    keep = lay.full_cost[e] + lay.cum_cost[b - 1] - lay.cum_cost[e]
+                    grow = lay.full_cost[a0] + lay.cum_cost[e - 1] - lay.cum_cost[a0]
+                    grow_tokens = lay.full_NF[a0, 0] + lay.cum_tokens[e - 1] - lay.cum_tokens[a0]
+                worst = np.maximum(self.loads[r] - self.cost[u] + keep, self.loads[s] - self.cost[v] + grow)
+                worst[grow_tokens > self.max_tokens] = np.inf
+                i = int(np.argmin(worst))
+                if worst[i] < self.loads[r]:
+                    found.append((worst[i], u, v, int(e[i]), right))
+        return [lambda c=c: self._apply_shift(*c[1:]) for c in sorted(found, key=lambda c: c[0])]
+
+    def _apply_shift(self, u: int, v: int, e: int, right: bool):
+        old_u, old_v = self.units[u], self.units[v]
+        if right:
+            self.set(u, (old_u[0], e))
+            self.set(v, (e, old_v[1]))
+        else:
+            self.set(v, (old_v[0], e))
+            self.set(u, (e, old_u[1]))
+
+        def undo():
+            self.set(u, old_u)
+            self.set(v, old_v)
+        return self.owner[v], undo
+
+    def _move_or_swap(self, r: int, s: int) -> list:
+        """Moves r -> s and swaps between r and s, best estimated first."""
+        gap, lr, ls = self.loads[r] - self.loads[s], self.loads[r], self.loads[s]
         ur, us = list(self.on[r]), list(self.on[s])
         cr = np.array([self.cost[u] for u in ur])
         cs = np.array([self.cost[u] for u in us])
-        best, choice = self.loads[r] * (1 - 1e-9), None
+        found = []
         if len(ur):
-            i = int(np.argmin(np.abs(cr - gap / 2)))
-            new = max(self.loads[r] - cr[i], self.loads[s] + cr[i])
-            if new < best:
-                best, choice = new, (ur[i], None)
+            new = np.maximum(lr - cr, ls + cr)
+            found += [(new[i], ur[i], None) for i in np.argsort(new)[:4] if new[i] < lr]
         if len(ur) and len(us):
             order = np.argsort(cs)
             cs, us = cs[order], [us[o] for o in order]
             j = np.searchsorted(cs, cr - gap / 2)  # swap partners near cost(u) - gap / 2
             for jj in (np.clip(j - 1, 0, len(us) - 1), np.clip(j, 0, len(us) - 1)):
                 d = cr - cs[jj]
-                new = np.maximum(self.loads[r] - d, self.loads[s] + d)
+                new = np.maximum(lr - d, ls + d)
                 new[d <= 0] = np.inf
-                i = int(np.argmin(new))
-                if new[i] < best:
-                    best, choice = new[i], (ur[i], us[jj[i]])
-        if choice is None:
-            return None
-        u, v = choice
+                found += [(new[i], ur[i], us[jj[i]]) for i in np.argsort(new)[:4] if new[i] < lr]
+        return [lambda c=c: self._apply_swap(r, s, *c[1:]) for c in sorted(found, key=lambda c: c[0])]
+
+    def _apply_swap(self, r: int, s: int, u: int, v: int | None):
         self.take(u)
         self.put(u, s)
         if v is not None:
@@ -469,13 +595,14 @@ class _Assignment:
             if v is not None:
                 self.take(v)
                 self.put(v, s)
-        return undo
+        return s, undo
 
-    def _cut_to(self, r: int, s: int, cap: float):
-        """Hand rank s a prefix or suffix piece of one of r's units, preferring (1) both ranks <= cap,
-        (2) filling s to between half its room and cap, (3) any lower maximum; fewest duplicated
-        tokens within a preference. Returns its undo, or None if no piece helps."""
+    def _cut_to(self, r: int, s: int, cap: float) -> list:
+        """Pieces (prefix or suffix) of r's units for s, maybe with one of s's smallest units back,
+        preferring (1) both ranks <= cap, (2) s filled to between half its room and cap, (3) any
+        lower maximum; fewest duplicated tokens, then lowest maximum, within a preference."""
         lay, lr, ls = self.layout, self.loads[r], self.loads[s]
+        held = self.positions(self.on[s])
         rows = []  # (unit, cut position e, moves the prefix?, new load r, new load s, duplicated)
         for u in self.on[r]:
             a, b = self.units[u]
@@ -484,39 +611,56 @@ class _Assignment:
             e = np.arange(a + 1, b)
             pre = lay.full_cost[a] + lay.cum_cost[e - 1] - lay.cum_cost[a]  # cost of [a, e)
             suf = lay.full_cost[e] + lay.cum_cost[b - 1] - lay.cum_cost[e]  # cost of [e, b)
-            whole = self.cost[u]
-            for moves_prefix, gain, keep in ((True, pre, suf), (False, suf, pre)):
+            # What s already computes of a piece: the prefix it shares with s's DFS neighbours.
+            i = np.searchsorted(held, a)
+            prev, nxt = (held[i - 1] if i else None), (held[i] if i < len(held) else None)
+            before = lay.shared_from(prev, a, b)  # [b - a]: shared by prev and position a + j
+            after = lay.shared_to(a, b, nxt)  # [b - a]: shared by position a + j and nxt
+            both = lay.shared_from(prev, nxt, nxt + 1)[0] if prev is not None and nxt is not None else 0.0
+            pre_gain = pre - before[0] - after[e - 1 - a] + both
+            suf_gain = suf - before[e - a] - after[-1] + both
+            for moves_prefix, gain, keep in ((True, pre_gain, suf), (False, suf_gain, pre)):
                 rows.append((np.full(len(e), u), e, np.full(len(e), moves_prefix),
-                             lr - whole + keep, ls + gain, lay.lcp[e]))
+                             lr - self.cost[u] + keep, ls + gain, lay.lcp[e]))
         if not rows:
-            return None
+            return []
         unit, e, moves_prefix, new_r, new_s, dup = (np.concatenate(c) for c in zip(*rows))
+        back = [None, *sorted(self.on[s], key=lambda v: self.cost[v])[:16]]
+        back_cost = np.array([0.0] + [self.cost[v] for v in back[1:]])
+        new_r = (new_r[:, None] + back_cost).ravel()
+        new_s = (new_s[:, None] - back_cost).ravel()
         worst = np.maximum(new_r, new_s)
+        dup = np.repeat(dup, len(back))
         room = cap - ls
-        for ok in (worst <= cap, (new_s <= cap) & (new_s - ls >= room / 2), worst < lr * (1 - 1e-9)):
-            if ok.any():
-                idx = np.flatnonzero(ok)
-                i = idx[np.lexsort((worst[idx], dup[idx]))[0]]
-                break
-        else:
-            return None
-        u, whole = int(unit[i]), self.units[int(unit[i])]
-        piece = self.split(u, int(e[i]))  # u keeps the prefix on r; piece is the suffix, on no rank
-        mover = u if moves_prefix[i] else piece
+        fills = (new_s <= cap) & (new_s - ls >= room / 2) & (new_r < lr)
+        mode = np.select([worst <= cap, fills, worst < lr], [0, 1, 2], 3)
+        best = [int(k) for k in np.lexsort((worst, dup, mode)) if mode[k] < 3][:64]
+        picked = [divmod(k, len(back)) for k in best]
+        return [lambda i=i, j=j: self._apply_cut(r, s, int(unit[i]), int(e[i]), bool(moves_prefix[i]), back[j])
+                for i, j in picked]
+
+    def _apply_cut(self, r: int, s: int, u: int, e: int, moves_prefix: bool, v: int | None):
+        whole = self.units[u]
+        piece = self.split(u, e)  # u keeps the prefix on r; piece is the suffix, on no rank
+        mover = u if moves_prefix else piece
         if mover == u:
             self.take(u)
             self.put(piece, r)
         self.put(mover, s)
+        if v is not None:
+            self.take(v)
+            self.put(v, r)
 
         def undo():
+            if v is not None:
+                self.take(v)
+                self.put(v, s)
+            self.set(piece, None)
+            self.units.pop(), self.cost.pop(), self.owner.pop()
             self.take(u)
-            self.take(piece)
-            self.units.pop()
-            self.cost.pop()
-            self.owner.pop()
-            self.units[u], self.cost[u] = whole, lay.cost(*whole)
             self.put(u, r)
-        return undo
+            self.set(u, whole)
+        return s, undo
 
 
 def _as_forest(batch) -> PrefixForest:
@@ -543,7 +687,7 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
     bins_by_rank = []
     for r in range(len(asg.on)):
         for u in sorted(asg.on[r]):
-            pieces = lay.cut(*asg.units[u], max_tokens, by_tokens=True)
+            pieces = lay.cut(*asg.units[u], max_tokens=max_tokens)
             for _, e in reversed(pieces[:-1]):  # u keeps the first piece
                 asg.put(asg.split(u, e), r)
         by_tree: dict[int, list[int]] = {}
@@ -568,15 +712,19 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
                 room = np.append(room, max_tokens - t)
         bins_by_rank.append(bins)
     k = max(1, max(len(b) for b in bins_by_rank))
+    donors = sorted(range(len(bins_by_rank)), key=lambda r: -asg.loads[r])  # most loaded give first
     for r, bins in enumerate(bins_by_rank):
         while len(bins) < k:
-            _add_microbatch(asg, r, bins)
+            _add_microbatch(asg, r, bins_by_rank, donors)
     return bins_by_rank
 
 
-def _add_microbatch(asg: _Assignment, rank: int, bins: list[list[int]]) -> None:
-    """One more microbatch on ``rank``: split the fullest multi-unit one, else cut a unit, else empty."""
-    lay = asg.layout
+def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[int]]], donors: list[int]) -> None:
+    """One more microbatch on ``rank``, by the first that applies: split its fullest multi-unit
+    microbatch (free); take the cheapest unit from a multi-unit microbatch of the most loaded rank
+    that has one, if that costs less than the cheapest cut; cut a unit where it duplicates the
+    fewest tokens; else leave it empty (the rank has fewer rollouts than microbatches elsewhere)."""
+    lay, bins = asg.layout, bins_by_rank[rank]
     tokens = [sum(lay.tokens(*asg.units[u]) for u in b) for b in bins]
     multi = [i for i, b in enumerate(bins) if len(b) > 1]
     if multi:
@@ -591,17 +739,29 @@ def _add_microbatch(asg: _Assignment, rank: int, bins: list[list[int]]) -> None:
                 t2 += lay.tokens(*asg.units[u])
         bins[i:i + 1] = [first, second]
         return
-    cuttable = [i for i, b in enumerate(bins) if b and asg.units[b[0]][1] - asg.units[b[0]][0] > 1]
-    if not cuttable:
-        bins.append([])  # fewer rollouts on this rank than microbatches on the others
+    cut = None  # (duplicated cost, unit, position)
+    for u in (b[0] for b in bins if b):
+        a, b = asg.units[u]
+        if b - a > 1:
+            e = lay.cheapest_cut(a + 1, b - 1)
+            if cut is None or lay.shared_cost[e] < cut[0]:
+                cut = (lay.shared_cost[e], u, e)
+    while donors and not any(len(b) > 1 for b in bins_by_rank[donors[0]]):
+        donors.pop(0)
+    if donors and donors[0] != rank:
+        give = min((u for b in bins_by_rank[donors[0]] if len(b) > 1 for u in b), key=lambda u: asg.cost[u])
+        if cut is None or asg.cost[give] <= cut[0]:
+            next(b for b in bins_by_rank[donors[0]] if give in b).remove(give)
+            asg.take(give)
+            asg.put(give, rank)
+            bins.append([give])
+            return
+    if cut is None:
+        bins.append([])
         return
-    i = max(cuttable, key=lambda i: tokens[i])
-    a, b = asg.units[bins[i][0]]
-    # The cheapest cut in the middle half by tokens.
-    lo = min(lay.end_reaching(a, b, tokens[i] / 4), b - 1)
-    e = lay.cheapest_cut(lo, max(lo, min(lay.end_reaching(a, b, 3 * tokens[i] / 4), b - 1)))
-    bins.append([asg.split(bins[i][0], e)])
-    asg.put(bins[-1][0], rank)
+    piece = asg.split(cut[1], cut[2])
+    asg.put(piece, rank)
+    bins.append([piece])
 
 
 def _plan(asg: _Assignment, max_tokens: float, tolerance: float = DEFAULT_TOLERANCE) -> BalancePlan:
@@ -613,7 +773,7 @@ def _plan(asg: _Assignment, max_tokens: float, tolerance: float = DEFAULT_TOLERA
     rank_costs = np.zeros(len(bins_by_rank))
     for r, bins in enumerate(bins_by_rank):
         for i, units in enumerate(bins):
-            pos = np.sort(np.concatenate([np.arange(*asg.units[u]) for u in units] or [np.zeros(0, np.int64)]))
+            pos = asg.positions(units)
             feat = lay.features(pos)
             rank_costs[r] += feat @ coef
             mb_tokens.append(int(feat[0]))
@@ -649,37 +809,42 @@ def balance(
     max_tokens = _check(ranks, max_tokens_per_microbatch)
     layout = _Layout(_as_forest(batch), cost_model or CostModel())
 
-    # Trees over the token limit are cut first so that the assignment sees microbatch-sized units.
-    fitted = [p for a, b in layout.trees for p in layout.cut(a, b, max_tokens, by_tokens=True)]
-
-    def attempt(limit: float) -> _Assignment:
-        """Units over ``limit`` cut into the fewest pieces within it, then longest first."""
-        units = [p for a, b in fitted for p in layout.cut(a, b, limit)]
+    def cut(limit: float) -> _Assignment:
+        """Trees cut into the fewest pieces within ``limit`` and a microbatch, then longest first."""
+        units = [p for a, b in layout.trees for p in layout.cut(a, b, limit, max_tokens)]
         asg = _Assignment(layout, units, ranks, max_tokens)
         asg.lpt(asg.cost)
         return asg
 
-    # The smallest limit at which cutting to it and LPT stay within it (bisection; LPT at the sum of
-    # all costs always does), and, for fewer cuts, the limit (1 + tolerance) x that plan's mean.
-    lo = max(layout.cum_cost[-1] / ranks, layout.full_cost.max())
-    hi = max(lo, float(layout.cum_cost[-1]))
-    best = attempt(hi)
-    while hi > lo * (1 + tolerance / 8):
-        mid = math.sqrt(lo * hi)
-        asg = attempt(mid)
-        if asg.loads.max() <= mid:
-            hi, best = mid, asg
-        else:
-            lo = mid
-    candidates = [best, attempt(best.loads.mean() * (1 + tolerance))]
+    def explode(limit: float) -> _Assignment:
+        """Trees split into subtrees within ``limit`` and a microbatch, then placed sharing-aware."""
+        units = [p for a, b in layout.trees for p in layout.explode(a, b, limit, max_tokens)]
+        asg = _Assignment(layout, units, ranks, max_tokens)
+        asg.lpt_shared()
+        return asg
+
+    candidates = []
+    for attempt in (cut, explode):
+        # The smallest limit at which an attempt stays within it (bisection; at the sum of all
+        # costs it always does), and, for fewer cuts, (1 + tolerance) x that plan's mean.
+        lo = max(layout.cum_cost[-1] / ranks, layout.full_cost.max())
+        hi = max(lo, float(layout.cum_cost[-1]))
+        best = attempt(hi)
+        while hi > lo * (1 + tolerance / 8):
+            mid = math.sqrt(lo * hi)
+            asg = attempt(mid)
+            if asg.loads.max() <= mid:
+                hi, best = mid, asg
+            else:
+                lo = mid
+        candidates += [best, attempt(best.loads.mean() * (1 + tolerance))]
+    plans = []
     for asg in candidates:
         asg.refine(tolerance, max_rounds=20 * ranks + 1000)
-    within = [c for c in candidates if c.loads.max() <= c.loads.mean() * (1 + tolerance)]
-    if within:
-        asg = min(within, key=lambda c: sum(c.layout.features(c.positions(on))[0] for on in c.on))
-    else:
-        asg = min(candidates, key=lambda c: c.loads.max() / c.loads.mean())
-    return _plan(asg, max_tokens, tolerance)
+        plans.append(_plan(asg, max_tokens, tolerance))
+    # The shortest step (most loaded rank); the fewest duplicated tokens among ties.
+    step = min(p.rank_costs.max() for p in plans)
+    return min((p for p in plans if p.rank_costs.max() <= step * (1 + 1e-3)), key=lambda p: p.duplicated_tokens)
 
 
 def round_robin(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
@@ -692,6 +857,7 @@ def round_robin(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
     asg = _Assignment(layout, [(int(p), int(p) + 1) for p in position], ranks, max_tokens)
     for i in range(len(position)):
         asg.put(i, i % ranks)
+    asg.exact(*range(ranks))
     return _plan(asg, max_tokens)
 
 

@@ -8,11 +8,15 @@ dense loss and gradients: a token shared by k rollouts contributes k terms, each
 rollout's advantage, old log-prob, mask and weight.
 
 Per-token values live in flat tables (rollouts concatenated, ``seq_offset[r] + j``); engines
-gather the elements they compute and call ``terms``.
+gather the elements they compute and call ``terms``. Anything computed across rollouts (GRPO group
+statistics, the normalizer) must see the whole global batch, so it happens before the batch is
+split over ranks and microbatches: ``prepare`` on the global batch, and ``local_denominator``
+all-reduced over data-parallel ranks by the caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +38,9 @@ class LossConfig:
     entropy_coef: float = 0.0
     normalization: str = "token_mean"
     constant_divisor: float = 1.0
-    group_normalize_advantages: bool = False  # GRPO: (A - mean_group) / (std_group + eps)
+    # GRPO: each rollout's scalar advantage (its reward) becomes (A - mean_group) / (std_group + eps),
+    # with the population std over the rollouts of the same ``group`` in the global batch
+    group_normalize_advantages: bool = False
     group_std_eps: float = 1e-6
 
     def __post_init__(self):
@@ -51,10 +57,18 @@ class LossConfig:
 
 
 def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.ndarray]:
-    """GRPO: each rollout's (scalar) advantage minus its group mean, over the group std."""
+    """GRPO: each rollout's scalar advantage minus its group's mean, over the group's std.
+
+    A rollout without a ``group`` is a group of one (advantage 0: nothing to compare with).
+    """
     groups: dict = {}
     for i, r in enumerate(rollouts):
-        groups.setdefault(r.group if r.group is not None else ("__single__", i), []).append(i)
+        if np.any(r.advantages != r.advantages[0]):
+            raise ValueError(
+                f"loss.group_normalize_advantages needs one scalar advantage (the reward) per rollout, but "
+                f"rollout {i} has per-token advantages; normalize them upstream or set "
+                f"loss.group_normalize_advantages=false")
+        groups.setdefault(("group", r.group) if r.group is not None else ("single", i), []).append(i)
     out = [r.advantages.copy() for r in rollouts]
     for members in groups.values():
         vals = np.array([rollouts[i].advantages[0] for i in members])
@@ -72,14 +86,25 @@ class PolicyLoss:
 
     @property
     def needs_entropy(self) -> bool:
-        return self.cfg.entropy_coef != 0.0
+        """Always: the fused LM head computes entropy in its forward anyway, and it is a reported
+        statistic; it enters the graph (and costs backward work) only when ``entropy_coef`` != 0."""
+        return True
+
+    def prepare(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """The global batch with GRPO group-normalized advantages if configured (call it before the
+        batch is split over ranks or microbatches: group statistics need every member)."""
+        if not self.cfg.group_normalize_advantages:
+            return rollouts
+        advs = group_normalized_advantages(rollouts, self.cfg.group_std_eps)
+        return [dataclasses.replace(r, advantages=a) for r, a in zip(rollouts, advs)]
 
     def local_denominator(self, rollouts: list[Rollout]) -> float:
-        """This rank's share of the normalizer; the trainer all-reduces it before ``token_table``."""
+        """This rank's share of the normalizer: loss tokens (token_mean) or rollouts with at least one
+        loss token (sequence_mean). The caller sums it over data-parallel ranks."""
         if self.cfg.normalization == "token_mean":
             return float(sum(int(r.loss_mask.sum()) for r in rollouts))
         if self.cfg.normalization == "sequence_mean":
-            return float(len(rollouts))
+            return float(sum(1 for r in rollouts if r.loss_mask.any()))
         return 0.0
 
     def token_table(self, rollouts: list[Rollout], denominator: float | None = None) -> dict[str, torch.Tensor]:
@@ -87,8 +112,12 @@ class PolicyLoss:
         cfg = self.cfg
         if denominator is None:
             denominator = self.local_denominator(rollouts)
-        advs = (group_normalized_advantages(rollouts, cfg.group_std_eps) if cfg.group_normalize_advantages
-                else [r.advantages for r in rollouts])
+        if cfg.kl_coef:
+            missing = [i for i, r in enumerate(rollouts) if r.ref_logprobs is None]
+            if missing:
+                raise ValueError(f"loss.kl_coef={cfg.kl_coef} needs 'ref_logprobs' in every rollout, but rollout "
+                                 f"{missing[0]} has none: compute them with `megatron-dta logprobs` using the "
+                                 f"reference model, or set loss.kl_coef=0")
         weights = []
         for r in rollouts:
             mask = r.loss_mask.astype(np.float64)
@@ -104,7 +133,7 @@ class PolicyLoss:
 
         nan = [np.full(len(r), np.nan) for r in rollouts]
         return {
-            "adv": flat(advs),
+            "adv": flat([r.advantages for r in rollouts]),
             "old": flat([r.old_logprobs if r.old_logprobs is not None else n for r, n in zip(rollouts, nan)]),
             "ref": flat([r.ref_logprobs if r.ref_logprobs is not None else n for r, n in zip(rollouts, nan)]),
             "weight": flat(weights),
@@ -116,7 +145,10 @@ class PolicyLoss:
         cfg = self.cfg
         dt = lp.dtype
         adv, weight, mask = g["adv"].to(dt), g["weight"].to(dt), g["mask"].to(dt)
-        old = torch.where(torch.isnan(g["old"]).to(lp.device), lp.detach(), g["old"].to(dt))
+        # Off the loss mask the weight is 0, but 0 * inf is NaN in the loss and its gradient: inference
+        # engines often put placeholders there (0.0 for prompt tokens), so read the policy instead.
+        on = mask > 0
+        old = torch.where(on & ~torch.isnan(g["old"]), g["old"].to(dt), lp.detach())
         log_ratio = lp - old
         ratio = torch.exp(log_ratio)
         clipped = torch.clamp(ratio, 1 - cfg.eps_clip_low, 1 + cfg.eps_clip_high)
@@ -125,10 +157,7 @@ class PolicyLoss:
             pg = torch.where(adv < 0, torch.minimum(pg, -cfg.dual_clip * adv), pg)
         term = pg
         if cfg.kl_coef:
-            ref = g["ref"].to(dt)
-            if torch.isnan(ref).any():
-                raise ValueError("loss.kl_coef > 0 needs 'ref_logprobs' in every rollout")
-            d = ref - lp
+            d = torch.where(on, g["ref"].to(dt), lp.detach()) - lp
             kl = -d if cfg.kl_estimator == "k1" else torch.exp(d) - d - 1
             term = term + cfg.kl_coef * kl
         if cfg.entropy_coef:

@@ -18,8 +18,8 @@ from megatron_dta.synthetic import make_workload
 # workload -> overrides for R ranks: ~16 rollouts per rank, generator defaults otherwise.
 SCALE = {
     "grpo": lambda r: {"num_prompts": 2 * r},  # 8 completions per prompt
-    "multi_turn": lambda r: {"num_tasks": r},  # one tree: the system prompt opens every rollout
-    "tree_search": lambda r: {"num_roots": r},
+    "multi_turn": lambda r: {"num_tasks": 2 * r},  # one tree: the system prompt opens every rollout
+    "tree_search": lambda r: {"num_roots": 2 * r},
     "mixed": lambda r: {"num_small": max(96, 24 * r)},  # 3 huge trees among many small groups
     "long_paths": lambda r: {"num_paths": 4 * r},  # one tree, a 3K-token prompt
     "fanout": lambda r: {"num_completions": 16 * r},  # one tree, a 256-token prompt

@@ -1,0 +1,258 @@
+"""Training configuration: one dataclass per component, filled from YAML plus `section.key=value`.
+
+Each component owns its dataclass and validates it in ``__post_init__`` (loss: ``LossConfig``,
+engine: ``EngineConfig``, optimizer: ``OptimizerConfig``, ...); this module only assembles them
+into ``Config``. Loading checks every key and value type against the dataclass fields before any
+component sees them, so a mistake is refused with one line naming the YAML file (or the
+override), the key and what to change. The defaults are the CPU demo: a tiny model on the
+synthetic multi-turn workload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_dta.checkpoint import CheckpointConfig
+from megatron_dta.data import DataConfig
+from megatron_dta.engine import EngineConfig
+from megatron_dta.losses import LossConfig
+from megatron_dta.metrics import LoggingConfig
+from megatron_dta.model.config import PRESETS, ModelConfig, preset
+from megatron_dta.optim import OptimizerConfig
+
+DTYPES = ("float32", "float64", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the source, the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """Where the weights and architecture come from: a named preset (random init, optionally changed
+    by ``arch``) or a local HF checkpoint directory (architecture from its config.json)."""
+
+    preset: str | None = "tiny"
+    hf_checkpoint: str | None = None
+    arch: dict = field(default_factory=dict)  # ModelConfig fields that replace the preset's
+
+    def __post_init__(self):
+        if (self.preset is None) == (self.hf_checkpoint is None):
+            raise ValueError("set exactly one of model.preset (random init) and model.hf_checkpoint "
+                             "(a local HF directory); set the other to null")
+        if self.hf_checkpoint is not None and self.arch:
+            raise ValueError(f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
+                             "remove model.arch or use model.preset")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
+        if self.preset is not None:
+            self.model_config()  # validates arch now rather than when the model is built
+
+    def model_config(self) -> ModelConfig:
+        base = preset(self.preset).to_dict()
+        if {"hidden_size", "num_heads"} & set(self.arch) and "head_dim" not in self.arch:
+            base["head_dim"] = None  # recomputed from hidden_size // num_heads
+        unknown = sorted(set(self.arch) - set(base))
+        if unknown:
+            raise ValueError(f"unknown key model.arch.{unknown[0]}; valid keys: {', '.join(sorted(base))}")
+        return ModelConfig(**{**base, **self.arch})
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * pp))."""
+
+    tp: int = 1
+    pp: int = 1
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+
+    def __post_init__(self):
+        if self.tp < 1:
+            raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
+        if self.pp != 1:
+            raise ValueError("parallel.pp must be 1: the DFS schedule runs whole models (no pipeline stages yet)")
+        if self.device not in DEVICES:
+            raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 6  # optimizer updates
+    seed: int = 0  # model initialisation (presets)
+    dtype: str = "float32"  # parameters and compute: float32, float64 (exactness checks) or bfloat16
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype '{self.dtype}' must be one of {DTYPES}")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.optimizer.backend == "deepspeed" and self.train.dtype == "float64":
+            raise ValueError("optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
+                             "would not be float64: use optimizer.backend=torch or train.dtype=float32")
+        if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
+            raise ValueError("optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+        """The defaults, replaced by the YAML file's values, replaced by ``section.key=value`` overrides."""
+        raw: dict = {}
+        source = "defaults"
+        if path is not None:
+            source = str(path)
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+            try:
+                raw = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark else str(path)
+                raise ConfigError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), "
+                                  f"got {type(raw).__name__}")
+        origin = {}
+        for item in overrides:
+            key, value = _parse_override(item)
+            _set_path(raw, key, value, item)
+            origin[key.split(".")[0] + "." + key.split(".")[1]] = f"override '{item}'"
+        return cls.from_dict(raw, source, origin)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config", origin: dict | None = None) -> Config:
+        origin = origin or {}
+        hints = typing.get_type_hints(cls)
+        _reject_unknown(raw, hints, source, "", "section")
+        sections = {}
+        for name, section_cls in hints.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {values!r}")
+            sections[name] = _build(section_cls, values, name, source, origin)
+        try:
+            return cls(**sections)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or key.count(".") < 1 or not all(key.split(".")):
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. optimizer.lr=1e-5)")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key, value
+
+
+def _set_path(raw: dict, key: str, value, item: str) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
+    node[last] = value
+
+
+def _reject_unknown(values: dict, hints: dict, source: str, prefix: str, kind: str) -> None:
+    for key in values:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown {kind} '{prefix}{key}'{hint}; valid {kind}s"
+                              f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(hints)}")
+
+
+def _build(section_cls, values: dict, name: str, source: str, origin: dict):
+    hints = {k: v for k, v in typing.get_type_hints(section_cls).items()
+             if k in {f.name for f in dataclasses.fields(section_cls) if f.init}}
+    _reject_unknown(values, hints, source, name + ".", "key")
+    kwargs = {}
+    for key, value in values.items():
+        where = origin.get(f"{name}.{key}", source)
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {name}.{key}: expected {exc}, got {value!r}") from None
+    try:
+        return section_cls(**kwargs)
+    except ValueError as exc:
+        keys = [k for k in values if f"{name}.{k}" in str(exc)]
+        where = origin.get(f"{name}.{keys[0]}", source) if keys else source
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(value, hint):
+    """``value`` as the annotated type; TypeError(description of the type) when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                pass
+        raise TypeError(" or ".join(_describe(a) for a in options) + (" or null" if type(None) in args else ""))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple or hint is tuple:
+        if isinstance(value, (list, tuple)) and (not args or len(value) == len(args)):
+            return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    raise TypeError(_describe(hint))
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(typing.get_args(hint))} values"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        hint, str(hint))

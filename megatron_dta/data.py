@@ -1,0 +1,120 @@
+"""Training data: the rollout set, which rollouts each step trains on, and their old log-probs.
+
+Every rank holds the whole rollout set and draws the same global batch each step (the sampler is
+seeded and its position is part of the checkpoint); ``balancer.balance`` then decides which rank
+computes which rollouts. Rollouts without ``old_logprobs`` get them from the policy the first time
+they are trained on (``fill_old_logprobs``): that step is on-policy, and later steps on the same
+rollouts are PPO updates against that behaviour policy. The filled values are part of the data
+state, so a resumed run sees exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_dta.rollouts import Rollout, load_rollouts
+from megatron_dta.synthetic import WORKLOADS, make_workload
+
+
+@dataclass
+class DataConfig:
+    rollouts: str | None = None  # a rollout file (JSON Lines); or null for a synthetic workload
+    workload: str | None = "demo"  # synthetic workload name (megatron_dta.synthetic)
+    workload_args: dict = field(default_factory=dict)  # its generator's keyword arguments
+    rollouts_per_step: int | None = None  # global batch size in rollouts; null: all rollouts every step
+    microbatch_tokens: int | None = None  # max unique tokens of one microbatch on a rank; null: one
+    fill_old_logprobs: bool = True
+    seed: int = 0  # synthetic workload and sampling order
+
+    def __post_init__(self):
+        if (self.rollouts is None) == (self.workload is None):
+            raise ValueError("set exactly one of data.rollouts (a JSONL file) and data.workload "
+                             f"(one of {sorted(WORKLOADS)}); set the other to null")
+        if self.workload is not None and self.workload not in WORKLOADS:
+            raise ValueError(f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}")
+        if self.rollouts_per_step is not None and self.rollouts_per_step < 1:
+            raise ValueError(f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}")
+        if self.microbatch_tokens is not None and self.microbatch_tokens < 1:
+            raise ValueError(f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}")
+
+
+def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
+    if cfg.rollouts is not None:
+        return load_rollouts(cfg.rollouts, vocab_size)
+    try:
+        return make_workload(cfg.workload, vocab_size, cfg.seed, **cfg.workload_args)
+    except TypeError as exc:  # an argument the generator does not take
+        raise ValueError(f"data.workload_args: {exc}") from None
+
+
+class GroupSampler:
+    """Each epoch, the rollout groups (trees) in a seeded random order; each step, the next
+    ``rollouts_per_step`` rollouts of that order (so groups mostly stay whole), wrapping into the
+    next epoch. Deterministic in (seed, epoch); its state is (epoch, offset)."""
+
+    def __init__(self, rollouts: list[Rollout], rollouts_per_step: int | None, seed: int):
+        self.n, self.seed = len(rollouts), seed
+        self.per_step = min(rollouts_per_step or self.n, self.n)
+        groups: dict = {}
+        for i, r in enumerate(rollouts):
+            groups.setdefault(("group", r.group) if r.group is not None else ("single", i), []).append(i)
+        self.groups = list(groups.values())
+        self.epoch = self.offset = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        if self.per_step == self.n:
+            return list(range(self.n))
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+        return [i for g in perm for i in self.groups[g]]
+
+    def next_indices(self) -> list[int]:
+        """Rollout indices of the next step's global batch, ascending."""
+        out: list[int] = []
+        while len(out) < self.per_step:
+            order = self._order(self.epoch)
+            take = order[self.offset:self.offset + self.per_step - len(out)]
+            out += take
+            self.offset += len(take)
+            if self.offset == len(order):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return sorted(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+class TrainData:
+    """The rollout set, its sampler and the old log-probs filled in so far."""
+
+    def __init__(self, cfg: DataConfig, vocab_size: int):
+        self.cfg = cfg
+        self.rollouts = load_dataset(cfg, vocab_size)
+        self.sampler = GroupSampler(self.rollouts, cfg.rollouts_per_step, cfg.seed)
+        self.filled: dict[int, np.ndarray] = {}
+
+    def next_batch(self) -> tuple[list[int], list[Rollout]]:
+        idx = self.sampler.next_indices()
+        return idx, [self.rollouts[i] for i in idx]
+
+    def missing_old_logprobs(self, idx: list[int]) -> list[int]:
+        if not self.cfg.fill_old_logprobs:
+            return []
+        return [i for i in idx if self.rollouts[i].old_logprobs is None]
+
+    def fill(self, values: dict[int, np.ndarray]) -> None:
+        for i, lp in values.items():
+            self.rollouts[i] = dataclasses.replace(self.rollouts[i], old_logprobs=lp)
+            self.filled[i] = lp
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.fill(state["filled"])

@@ -1,0 +1,74 @@
+"""Per-step metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per step) and progress output.
+
+Only the main rank writes. A progress bar goes to an interactive terminal, plain log lines to
+anything else (files, CI). On resume, lines of steps after the resumed checkpoint are dropped, so
+the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PROGRESS = ("auto", "bar", "lines", "none")
+
+
+@dataclass
+class LoggingConfig:
+    progress: str = "auto"  # auto: a bar on an interactive terminal, plain lines otherwise
+    log_every: int = 1  # plain lines: one every N steps (metrics.jsonl always gets every step)
+
+    def __post_init__(self):
+        if self.progress not in PROGRESS:
+            raise ValueError(f"logging.progress '{self.progress}' must be one of {PROGRESS}")
+        if self.log_every < 1:
+            raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    def __init__(self, cfg: LoggingConfig, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
+        self.cfg, self.total, self.enabled = cfg, total_steps, enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        if not enabled:
+            return
+        kept = [m for m in read_metrics(self.path) if m["step"] <= start_step] if start_step and self.path.exists() else []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("w")
+        for m in kept:
+            self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        mode = cfg.progress if cfg.progress != "auto" else ("bar" if sys.stderr.isatty() else "lines")
+        self.lines = mode == "lines"
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{m['tokens_per_second']:.0f}",
+                                 sharing=f"{m['sharing_ratio']:.2f}")
+            self.bar.update(1)
+        elif self.lines and (m["step"] % self.cfg.log_every == 0 or m["step"] == self.total):
+            print(f"step {m['step']}/{self.total}  loss {m['loss']:.6g}  grad_norm {m['grad_norm']:.4g}  "
+                  f"lr {m['lr']:.3g}  tokens {m['total_tokens']} (unique {m['unique_tokens']}, "
+                  f"sharing {m['sharing_ratio']:.2f})  {m['tokens_per_second']:.0f} tok/s  {m['seconds']:.2f}s",
+                  flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()

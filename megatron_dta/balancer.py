@@ -34,6 +34,7 @@ single rollout over the limit. Pure numpy: no torch here.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -224,7 +225,7 @@ class _Layout:
         """[5] features of one microbatch holding the rollouts at sorted DFS ``positions``.
 
         Exact for tokens, attention pairs and rollouts; nodes counts the batch forest's nodes on the
-        members' paths, which can exceed the microbatch's own trie by at most its cut count.
+        members' paths, at least as many as the members' own trie has (it may merge some).
         """
         out = np.zeros(len(FEATURES), dtype=np.float64)
         out[-1] = 1.0
@@ -310,7 +311,7 @@ class _Layout:
                 continue
             inner = self.lcp[a + 1:b]
             bounds = [a, *(a + 1 + np.flatnonzero(inner == inner.min())).tolist(), b]
-            todo += zip(bounds[:-1], bounds[1:])
+            todo += itertools.pairwise(bounds)
         return sorted(out)
 
     def cheapest_cut(self, lo: int, hi: int) -> int:
@@ -346,7 +347,7 @@ class BalancePlan:
     num_microbatches: int
     unique_tokens: int  # of the whole batch
     duplicated_tokens: int  # sum of microbatch unique tokens - unique tokens of the batch
-    lower_bound: float  # no plan's imbalance is below this: the largest rollout alone on a rank
+    lower_bound: float  # the imbalance of the largest rollout (indivisible) alone on a rank
     # Estimated floor of duplicated tokens: every tree over a microbatch's token limit or over
     # (1 + tolerance) x the ideal rank cost split into the fewest pieces, each recomputing its root.
     duplication_lower_bound: int
@@ -488,20 +489,27 @@ class _Assignment:
                     self.set(u, None)
                     self.set(v, (a, b))
 
-    def refine(self, tolerance: float, max_rounds: int, tries: int = 32) -> None:
+    def refine(self, tolerance: float, max_rounds: int, tries: int = 32, receivers: int = 4) -> None:
         """Improve the most loaded rank r: move the boundary between one of its units and a DFS
-        neighbour on another rank; else move or swap units with the least loaded rank s; else (above
-        the cap) hand s a cut piece, maybe for a unit back. Candidates are ranked by estimated loads;
-        the first of ``tries`` whose exact loads both end below r's old load is kept."""
+        neighbour on another rank; else, with each of the ``receivers`` least loaded ranks s in
+        turn, move or swap units, or (above the cap) hand s a cut piece, maybe for a unit back.
+        Candidates are ranked by estimated loads; the first of ``tries`` whose exact loads both end
+        below r's old load is kept."""
         for _ in range(max_rounds):
-            r, s = int(np.argmax(self.loads)), int(np.argmin(self.loads))
+            r = int(np.argmax(self.loads))
             mean, top = self.loads.mean(), self.loads[r]
-            if top <= mean * (1 + tolerance / 2) or r == s:
+            if top <= mean * (1 + tolerance / 2) or len(self.on) == 1:
                 return
-            steps = [self._shift(r), self._move_or_swap(r, s)]
-            if top > mean * (1 + tolerance):
-                steps.append(self._cut_to(r, s, mean * (1 + tolerance)))
-            if not any(self._try(r, top, step[:tries]) for step in steps):
+            if self._try(r, top, self._shift(r)[:tries]):
+                continue
+            lightest = np.argpartition(self.loads, min(receivers, len(self.on) - 1))[:receivers]
+            for s in sorted((s for s in lightest.tolist() if s != r), key=lambda s: self.loads[s]):
+                steps = [self._move_or_swap(r, s)]
+                if top > mean * (1 + tolerance):
+                    steps.append(self._cut_to(r, s, mean * (1 + tolerance)))
+                if any(self._try(r, top, step[:tries]) for step in steps):
+                    break
+            else:
                 return
 
     def _try(self, r: int, top: float, candidates) -> bool:
@@ -690,16 +698,17 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
             pieces = lay.cut(*asg.units[u], max_tokens=max_tokens)
             for _, e in reversed(pieces[:-1]):  # u keeps the first piece
                 asg.put(asg.split(u, e), r)
-        by_tree: dict[int, list[int]] = {}
+        items = []  # (unique tokens, units): a tree's units on this rank, DFS-next neighbours joined
+        last_tree, last_end = -1, 0
         for u in sorted(asg.on[r], key=lambda u: asg.units[u]):
-            by_tree.setdefault(int(lay.tree_of[asg.units[u][0]]), []).append(u)
-        items = []  # (tokens, units)
-        for units in by_tree.values():
-            together = int(lay.features(asg.positions(units))[0])
-            if together <= max_tokens:
-                items.append((together, units))
+            a, b = asg.units[u]
+            tree, tokens = int(lay.tree_of[a]), lay.tokens(a, b)
+            shared = int(lay.lcp[last_end:a + 1].min()) if tree == last_tree else 0
+            if tree == last_tree and items[-1][0] + tokens - shared <= max_tokens:
+                items[-1] = (items[-1][0] + tokens - shared, items[-1][1] + [u])
             else:
-                items += [(lay.tokens(*asg.units[u]), [u]) for u in units]
+                items.append((tokens, [u]))
+            last_tree, last_end = tree, b
         bins: list[list[int]] = []
         room = np.zeros(0)
         for t, units in sorted(items, key=lambda item: (-item[0], asg.units[item[1][0]])):
@@ -714,16 +723,17 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
     k = max(1, max(len(b) for b in bins_by_rank))
     donors = sorted(range(len(bins_by_rank)), key=lambda r: -asg.loads[r])  # most loaded give first
     for r, bins in enumerate(bins_by_rank):
-        while len(bins) < k:
-            _add_microbatch(asg, r, bins_by_rank, donors)
+        while len(bins) < k and _add_microbatch(asg, r, bins_by_rank, donors):
+            pass
+        bins += [[] for _ in range(k - len(bins))]  # fewer rollouts here than microbatches elsewhere
     return bins_by_rank
 
 
-def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[int]]], donors: list[int]) -> None:
+def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[int]]], donors: list[int]) -> bool:
     """One more microbatch on ``rank``, by the first that applies: split its fullest multi-unit
     microbatch (free); take the cheapest unit from a multi-unit microbatch of the most loaded rank
     that has one, if that costs less than the cheapest cut; cut a unit where it duplicates the
-    fewest tokens; else leave it empty (the rank has fewer rollouts than microbatches elsewhere)."""
+    fewest tokens. False if none applies (only empty microbatches are left to add)."""
     lay, bins = asg.layout, bins_by_rank[rank]
     tokens = [sum(lay.tokens(*asg.units[u]) for u in b) for b in bins]
     multi = [i for i, b in enumerate(bins) if len(b) > 1]
@@ -738,7 +748,7 @@ def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[in
                 second.append(u)
                 t2 += lay.tokens(*asg.units[u])
         bins[i:i + 1] = [first, second]
-        return
+        return True
     cut = None  # (duplicated cost, unit, position)
     for u in (b[0] for b in bins if b):
         a, b = asg.units[u]
@@ -755,13 +765,13 @@ def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[in
             asg.take(give)
             asg.put(give, rank)
             bins.append([give])
-            return
+            return True
     if cut is None:
-        bins.append([])
-        return
+        return False
     piece = asg.split(cut[1], cut[2])
     asg.put(piece, rank)
     bins.append([piece])
+    return True
 
 
 def _plan(asg: _Assignment, max_tokens: float, tolerance: float = DEFAULT_TOLERANCE) -> BalancePlan:

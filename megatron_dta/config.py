@@ -37,33 +37,39 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    """Where the weights and architecture come from: a named preset (random init, optionally changed
-    by ``arch``) or a local HF checkpoint directory (architecture from its config.json)."""
+    """Where the architecture and weights come from: a named preset (random init), a local HF
+    checkpoint directory (architecture from its config.json), or neither: ``arch`` alone over the
+    ModelConfig defaults. ``arch`` holds ModelConfig fields that replace the preset's."""
 
     preset: str | None = "tiny"
     hf_checkpoint: str | None = None
-    arch: dict = field(default_factory=dict)  # ModelConfig fields that replace the preset's
+    arch: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.preset is None) == (self.hf_checkpoint is None):
-            raise ValueError("set exactly one of model.preset (random init) and model.hf_checkpoint "
+        if self.preset is not None and self.hf_checkpoint is not None:
+            raise ValueError("set at most one of model.preset (random init) and model.hf_checkpoint "
                              "(a local HF directory); set the other to null")
         if self.hf_checkpoint is not None and self.arch:
             raise ValueError(f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
                              "remove model.arch or use model.preset")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
-        if self.preset is not None:
+        if self.hf_checkpoint is None:
             self.model_config()  # validates arch now rather than when the model is built
 
     def model_config(self) -> ModelConfig:
-        base = preset(self.preset).to_dict()
+        base = (preset(self.preset) if self.preset is not None else ModelConfig()).to_dict()
         if {"hidden_size", "num_heads"} & set(self.arch) and "head_dim" not in self.arch:
             base["head_dim"] = None  # recomputed from hidden_size // num_heads
-        unknown = sorted(set(self.arch) - set(base))
-        if unknown:
-            raise ValueError(f"unknown key model.arch.{unknown[0]}; valid keys: {', '.join(sorted(base))}")
-        return ModelConfig(**{**base, **self.arch})
+        hints = typing.get_type_hints(ModelConfig)
+        for key, value in self.arch.items():
+            if key not in hints:
+                raise ValueError(f"unknown key model.arch.{key}; valid keys: {', '.join(sorted(hints))}")
+            try:
+                base[key] = _coerce(value, hints[key])
+            except TypeError as exc:
+                raise ValueError(f"model.arch.{key}: expected {exc}, got {value!r}") from None
+        return ModelConfig(**base)
 
 
 @dataclass
@@ -139,14 +145,14 @@ class Config:
         for item in overrides:
             key, value = _parse_override(item)
             _set_path(raw, key, value, item)
-            origin[key.split(".")[0] + "." + key.split(".")[1]] = f"override '{item}'"
+            origin[".".join(key.split(".")[:2])] = f"override '{item}'"
         return cls.from_dict(raw, source, origin)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", origin: dict | None = None) -> Config:
         origin = origin or {}
         hints = typing.get_type_hints(cls)
-        _reject_unknown(raw, hints, source, "", "section")
+        _reject_unknown(raw, hints, source, origin, "", "section")
         sections = {}
         for name, section_cls in hints.items():
             values = raw.get(name) or {}
@@ -156,7 +162,7 @@ class Config:
         try:
             return cls(**sections)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,19 +188,26 @@ def _set_path(raw: dict, key: str, value, item: str) -> None:
     node[last] = value
 
 
-def _reject_unknown(values: dict, hints: dict, source: str, prefix: str, kind: str) -> None:
+def _where(message: str, source: str, origin: dict) -> str:
+    """The override a message is about (it names the key), else the YAML file."""
+    return next((where for key, where in origin.items() if key in message), source)
+
+
+def _reject_unknown(values: dict, hints: dict, source: str, origin: dict, prefix: str, kind: str) -> None:
     for key in values:
         if key not in hints:
             close = difflib.get_close_matches(str(key), hints, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown {kind} '{prefix}{key}'{hint}; valid {kind}s"
+            where = origin.get(f"{prefix}{key}") or next(
+                (w for k, w in origin.items() if not prefix and k.split(".")[0] == key), source)
+            raise ConfigError(f"{where}: unknown {kind} '{prefix}{key}'{hint}; valid {kind}s"
                               f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(hints)}")
 
 
 def _build(section_cls, values: dict, name: str, source: str, origin: dict):
     hints = {k: v for k, v in typing.get_type_hints(section_cls).items()
              if k in {f.name for f in dataclasses.fields(section_cls) if f.init}}
-    _reject_unknown(values, hints, source, name + ".", "key")
+    _reject_unknown(values, hints, source, origin, name + ".", "key")
     kwargs = {}
     for key, value in values.items():
         where = origin.get(f"{name}.{key}", source)
@@ -205,9 +218,7 @@ def _build(section_cls, values: dict, name: str, source: str, origin: dict):
     try:
         return section_cls(**kwargs)
     except ValueError as exc:
-        keys = [k for k in values if f"{name}.{k}" in str(exc)]
-        where = origin.get(f"{name}.{keys[0]}", source) if keys else source
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
 
 def _coerce(value, hint):
@@ -245,9 +256,8 @@ def _coerce(value, hint):
     elif origin is tuple or hint is tuple:
         if isinstance(value, (list, tuple)) and (not args or len(value) == len(args)):
             return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return value
+    elif (origin is dict or hint is dict) and isinstance(value, dict):
+        return value
     raise TypeError(_describe(hint))
 
 

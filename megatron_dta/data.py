@@ -1,11 +1,12 @@
 """Training data: the rollout set, which rollouts each step trains on, and their old log-probs.
 
-Every rank holds the whole rollout set and draws the same global batch each step (the sampler is
-seeded and its position is part of the checkpoint); ``balancer.balance`` then decides which rank
-computes which rollouts. Rollouts without ``old_logprobs`` get them from the policy the first time
-they are trained on (``fill_old_logprobs``): that step is on-policy, and later steps on the same
-rollouts are PPO updates against that behaviour policy. The filled values are part of the data
-state, so a resumed run sees exactly the same numbers.
+Every rank holds the whole rollout set and draws the same global batch each step (``TreeSampler``
+keeps prefix trees and groups together, is seeded, and its position is part of the checkpoint);
+``balancer.balance`` then decides which rank computes which rollouts. Rollouts without
+``old_logprobs`` get them from the policy the first time they are trained on
+(``fill_old_logprobs``): that step is on-policy, and later steps on the same rollouts are PPO
+updates against that behaviour policy. The filled values are part of the data state, so a resumed
+run sees exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_dta.rollouts import Rollout, load_rollouts
+from megatron_dta.sampler import TreeSampler
 from megatron_dta.synthetic import WORKLOADS, make_workload
 
 
@@ -50,57 +52,19 @@ def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
         raise ValueError(f"data.workload_args: {exc}") from None
 
 
-class GroupSampler:
-    """Each epoch, the rollout groups (trees) in a seeded random order; each step, the next
-    ``rollouts_per_step`` rollouts of that order (so groups mostly stay whole), wrapping into the
-    next epoch. Deterministic in (seed, epoch); its state is (epoch, offset)."""
-
-    def __init__(self, rollouts: list[Rollout], rollouts_per_step: int | None, seed: int):
-        self.n, self.seed = len(rollouts), seed
-        self.per_step = min(rollouts_per_step or self.n, self.n)
-        groups: dict = {}
-        for i, r in enumerate(rollouts):
-            groups.setdefault(("group", r.group) if r.group is not None else ("single", i), []).append(i)
-        self.groups = list(groups.values())
-        self.epoch = self.offset = 0
-
-    def _order(self, epoch: int) -> list[int]:
-        if self.per_step == self.n:
-            return list(range(self.n))
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
-        return [i for g in perm for i in self.groups[g]]
-
-    def next_indices(self) -> list[int]:
-        """Rollout indices of the next step's global batch, ascending."""
-        out: list[int] = []
-        while len(out) < self.per_step:
-            order = self._order(self.epoch)
-            take = order[self.offset:self.offset + self.per_step - len(out)]
-            out += take
-            self.offset += len(take)
-            if self.offset == len(order):
-                self.epoch, self.offset = self.epoch + 1, 0
-        return sorted(out)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.offset = state["epoch"], state["offset"]
-
-
 class TrainData:
     """The rollout set, its sampler and the old log-probs filled in so far."""
 
     def __init__(self, cfg: DataConfig, vocab_size: int):
         self.cfg = cfg
         self.rollouts = load_dataset(cfg, vocab_size)
-        self.sampler = GroupSampler(self.rollouts, cfg.rollouts_per_step, cfg.seed)
+        self.sampler = TreeSampler(self.rollouts, cfg.rollouts_per_step or len(self.rollouts), cfg.seed)
+        self.steps = iter(self.sampler)
         self.filled: dict[int, np.ndarray] = {}
 
-    def next_batch(self) -> tuple[list[int], list[Rollout]]:
-        idx = self.sampler.next_indices()
-        return idx, [self.rollouts[i] for i in idx]
+    def next_indices(self) -> list[int]:
+        """Rollout indices (ascending) of the next step's global batch."""
+        return next(self.steps)
 
     def missing_old_logprobs(self, idx: list[int]) -> list[int]:
         if not self.cfg.fill_old_logprobs:
@@ -117,4 +81,5 @@ class TrainData:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self.steps = iter(self.sampler)
         self.fill(state["filled"])

@@ -3,9 +3,9 @@
 CPU: sdpa and cascade (outputs and q/k/v gradients) and flex (forward; torch's CPU flex has no
 backward) in float64 to 1e-12 absolute (values and gradients are O(1); float64 round-off here is
 ~1e-15, any real error is >= 1e-3). The te/flash varlen packing is checked on CPU by replaying
-its sequences through a per-sequence reference. GPU: each backend against the float64 reference
-with error <= 2 x the error of torch sdpa in the same precision (+ one float32 ulp at the
-reference's scale), for float32 and bfloat16.
+its sequences through a per-sequence reference. GPU, float32 and bfloat16: each backend's error
+against the float64 reference is at most twice the error of torch sdpa in the test's precision,
+plus 4 float32 ulps at the reference's scale (see the GPU test for why 4).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import make_hf_model
 
 from megatron_dta import attention as A
 from megatron_dta.attention import AttentionBackendUnavailable, AttnSpec, get_attention_backend
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
 from megatron_dta.rollouts import make_rollout
-from reference import make_hf_model
 
 HEADS = [(1, 1), (2, 1), (4, 2), (3, 3)]  # (query heads, kv heads)
 
@@ -90,7 +90,7 @@ def naive_attention(q_TND, k_SKD, v_SKD, vis_TS):
 
 def random_qkv(T, S, N, K, D, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     return make(T, N, D), make(S, K, D), make(S, K, D), make(T, N, D)
 
 
@@ -117,7 +117,7 @@ def test_backend_equals_naive_float64_with_grads(backend, structure, heads, D, s
 @settings(max_examples=60, deadline=None)
 @given(structure=structures(), heads=st.sampled_from(HEADS), D=st.sampled_from([2, 5, 8]), seed=st.integers(0, 99))
 def test_flex_forward_equals_naive_float64_on_cpu(structure, heads, D, seed):
-    P, lengths, parent, kind = structure
+    P, lengths, parent, _ = structure
     spec = spec_of(*structure)
     q, k, v, _ = random_qkv(spec.own_len, P + spec.own_len, *heads, D, seed=seed)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def _dense_blocks(counts, indices, n_kv):
 def test_flex_block_mask_marks_exactly_the_partial_and_full_blocks(structure):
     """Eager flex ignores block sparsity, so the BlockMask's flags are checked on their own: a
     block is listed as full iff every pair in it is visible, as partial iff some but not all are."""
-    P, lengths, parent, kind = structure
+    P, lengths, parent, _ = structure
     spec = spec_of(*structure)
     T = spec.own_len
     fm = A._flex_mask(P, T, T, spec.seg_in, spec.seg_out, "cpu")
@@ -239,7 +239,7 @@ def tiny_model(tmp_path_factory):
 
 def _rollouts():
     rng = np.random.default_rng(7)
-    tok = lambda n: rng.integers(0, VOCAB, n).tolist()  # noqa: E731
+    tok = lambda n: rng.integers(0, VOCAB, n).tolist()
     prompt, turn = tok(11), tok(5)
     seqs = [prompt + tok(6), prompt + turn + tok(4), prompt + turn + tok(7), prompt + turn, prompt + tok(3), tok(9)]
     return [make_rollout(s, advantages=float(rng.normal())) for s in seqs]
@@ -302,5 +302,8 @@ def test_gpu_backend_error_within_twice_torch(backend, dtype, kind):
     ours = out_and_grads(fn, q, k, v, dout, spec_of(*GPU_CASES[kind]))
     for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, torch_, ref):
         err_ours, err_torch = (o.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
-        eps = torch.finfo(torch.float32).eps * r.abs().max().item()
+        # float32 errors are a few ulps, and kernels sum dK/dV over query blocks in different orders:
+        # on an H200 flex's float32 dV (tree case) was 8.6 ulps of max|dV| against sdpa's 3.5, every
+        # other float32 and all bfloat16 checks within 2x. A mask or indexing error is O(1).
+        eps = 4 * torch.finfo(torch.float32).eps * r.abs().max().item()
         assert err_ours <= 2 * err_torch + eps, f"{backend} {kind} {name}: {err_ours:.3e} vs torch {err_torch:.3e}"

@@ -235,7 +235,7 @@ def test_user_errors_say_what_to_change(model):
     per_token = [make_rollout(r.input_ids, r.loss_mask, np.linspace(-1, 1, len(r)), group=0) for r in rollouts]
     with pytest.raises(ValueError, match="per-token advantages"):
         PolicyLoss(LossConfig(group_normalize_advantages=True)).prepare(per_token)
-    for bad, match in [(dict(normalization="mean"), "token_mean"), (dict(kl_estimator="k2"), "k1"),
-                       (dict(dual_clip=0.5), "dual_clip"), (dict(eps_clip_low=-0.1), "eps_clip")]:
+    for bad, match in [({"normalization": "mean"}, "token_mean"), ({"kl_estimator": "k2"}, "k1"),
+                       ({"dual_clip": 0.5}, "dual_clip"), ({"eps_clip_low": -0.1}, "eps_clip")]:
         with pytest.raises(ValueError, match=match):
             LossConfig(**bad)

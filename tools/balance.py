@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.rollouts}: {len(forest.sequences):,} rollouts, {plan.unique_tokens:,} unique tokens, "
           f"{args.ranks} ranks x {plan.num_microbatches} microbatches")
-    print(f"{'plan':<20} {'imbalance':>10} {'duplicated':>12} {'dup %':>7}")
+    print(f"{'plan':<20} {'imbalance':>10} {'slowest rank (s)':>17} {'duplicated':>12} {'dup %':>7}")
     for name, p in plans.items():
-        print(f"{name:<20} {p.imbalance:>10.3f} {p.duplicated_tokens:>12,} "
+        print(f"{name:<20} {p.imbalance:>10.3f} {p.rank_costs.max():>17.4f} {p.duplicated_tokens:>12,} "
               f"{100 * p.duplicated_tokens / p.unique_tokens:>7.2f}")
     print(f"lower bounds: imbalance {plan.lower_bound:.3f} (largest rollout alone on a rank), "
           f"duplicated ~{plan.duplication_lower_bound:,} tokens (trees that must be cut)")

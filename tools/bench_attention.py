@@ -70,10 +70,11 @@ def main():
             q, k, v = (torch.randn(n, h, D, generator=gen).to(args.device, dtype) for n, h in ((T, N), (P + T, K), (P + T, K)))
             seg = torch.repeat_interleave(torch.arange(g), torch.tensor(lengths))
             spec = AttnSpec(P, T, seg, seg + 1)
-            row = {"prefix": P, "children": g, "child_len": args.child_len, "device": args.device, "dtype": args.dtype,
-                   "per_child_s": time_fwd_bwd(lambda a, b, c: per_child(a, b, c, P, lengths), q, k, v, args.repeats, args.device),
-                   "packed_sdpa_s": time_fwd_bwd(lambda a, b, c: sdpa_attention(a, b, c, spec), q, k, v, args.repeats, args.device),
-                   "cascade_s": time_fwd_bwd(lambda a, b, c: cascade_attention(a, b, c, spec), q, k, v, args.repeats, args.device)}
+            ways = {"per_child_s": lambda a, b, c, P=P, lengths=lengths: per_child(a, b, c, P, lengths),
+                    "packed_sdpa_s": lambda a, b, c, spec=spec: sdpa_attention(a, b, c, spec),
+                    "cascade_s": lambda a, b, c, spec=spec: cascade_attention(a, b, c, spec)}
+            row = {"prefix": P, "children": g, "child_len": args.child_len, "device": args.device, "dtype": args.dtype}
+            row.update({way: time_fwd_bwd(fn, q, k, v, args.repeats, args.device) for way, fn in ways.items()})
             rows.append(row)
             print(f"{P:>6} {g:>3} {args.child_len:>4} {row['per_child_s']:>10.4f} {row['packed_sdpa_s']:>12.4f} "
                   f"{row['cascade_s']:>9.4f} {row['per_child_s'] / row['cascade_s']:>15.2f}x")

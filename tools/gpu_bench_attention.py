@@ -1,4 +1,4 @@
-"""Attention backend timings on a GPU: sdpa vs flex vs te vs flash vs cascade (forward + backward).
+"""Attention backend timings on a GPU: sdpa, flex, auto, cascade, te, flash (forward + backward).
 
     python tools/gpu_bench_attention.py --json $OUT/bench_attention_gpu.json [--dtype bfloat16]
 
@@ -49,7 +49,7 @@ def run_case(fn, spec_makers, N, K, D, dtype, specs=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="sdpa,flex,cascade,te,flash")
+    ap.add_argument("--backends", default="sdpa,flex,auto,cascade,te,flash")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--heads", type=int, nargs=3, default=[14, 2, 64], metavar=("N", "K", "D"))
     ap.add_argument("--repeats", type=int, default=5)
@@ -87,7 +87,7 @@ def main():
                         times.append(time.perf_counter() - t0)
                     row["steady_s"] = statistics.median(times)
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                except Exception as e:  # record and go on: one backend failing must not hide the rest
+                except Exception as e:  # noqa: BLE001 (record and go on: one backend failing must not hide the rest)
                     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             rows.append(row)
             print(json.dumps(row), flush=True)

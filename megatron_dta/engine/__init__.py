@@ -25,7 +25,8 @@ __all__ = ["Engine", "EngineConfig", "StepResult", "MODES", "Plan"]
 @dataclass
 class EngineConfig:
     mode: str = "dta"
-    block_size: int = 2048  # max tokens of one DTA unit (chunk of a long node, or packed siblings)
+    block_size: int = 2048  # max tokens of one chunk of a long node (per-path chunks)
+    pack_tokens: int | None = None  # max tokens of sibling segments packed into one unit (None: block_size)
     activation_budget_tokens: int = 1 << 20  # kept tokens on the DFS path before recomputing
     max_tokens_per_microbatch: int | None = None  # sparse only: unique tokens packed together
     attention: str = "auto"
@@ -56,7 +57,7 @@ class Engine:
     def plan(self, rollouts: list[Rollout]) -> Plan:
         seqs = [r.input_ids for r in rollouts]
         return build_plan(self.cfg.mode, seqs, seq_offsets_of([len(s) for s in seqs]),
-                          self.cfg.block_size, self.cfg.max_tokens_per_microbatch)
+                          self.cfg.block_size, self.cfg.max_tokens_per_microbatch, self.cfg.pack_tokens)
 
     def _result(self, rollouts, out: StepOutput, plan: Plan) -> StepResult:
         splits = np.cumsum([len(r) for r in rollouts])[:-1]

@@ -117,15 +117,20 @@ class Executor:
         return loss
 
     def _push(self, ctx: ChunkKV, unit: Unit, seg: int):
-        """Put segment ``seg``'s K/V on the stack at its positions and clear their gradients."""
+        """Put segment ``seg`` and its in-unit ancestors' K/V on the stack at their positions and
+        clear the gradients there; returns the (unit rows, stack positions) spans it covered."""
         kst, vst, gk, gv = self._stacks
-        start, length = unit.seg_bounds[seg]
-        P = unit.prefix_len
-        for layer in range(len(kst)):
-            kst[layer][P:P + length] = ctx.own_k[layer][start:start + length].detach()
-            vst[layer][P:P + length] = ctx.own_v[layer][start:start + length].detach()
-            gk[layer][P:P + length].zero_()
-            gv[layer][P:P + length].zero_()
+        spans = []
+        for a in unit.seg_chain[seg]:
+            start, length = unit.seg_bounds[a]
+            pos = unit.seg_pos[a]
+            for layer in range(len(kst)):
+                kst[layer][pos:pos + length] = ctx.own_k[layer][start:start + length].detach()
+                vst[layer][pos:pos + length] = ctx.own_v[layer][start:start + length].detach()
+                gk[layer][pos:pos + length].zero_()
+                gv[layer][pos:pos + length].zero_()
+            spans.append((slice(start, start + length), slice(pos, pos + length)))
+        return spans
 
     def _visit(self, unit: Unit):
         if self._forward_only:
@@ -148,19 +153,20 @@ class Executor:
         dkv = None
         if unit.has_children:
             _, _, gk, gv = self._stacks
-            T, P = unit.num_tokens, unit.prefix_len
-            # [T, K, D] per layer; T (packed siblings) may exceed the stack's path length
+            T = unit.num_tokens
+            # [T, K, D] per layer; T (packed segments) may exceed the stack's path length
             dk = [g.new_zeros((T, *g.shape[1:])) for g in gk]
             dv = [g.new_zeros((T, *g.shape[1:])) for g in gv]
             for s, kids in enumerate(unit.children):
                 if not kids:
                     continue
-                self._push(ctx, unit, s)
+                spans = self._push(ctx, unit, s)
                 yield from kids
-                start, length = unit.seg_bounds[s]
-                for layer in range(len(gk)):
-                    dk[layer][start:start + length] = gk[layer][P:P + length]
-                    dv[layer][start:start + length] = gv[layer][P:P + length]
+                # children's prefix covered this segment and its in-unit ancestors: accumulate
+                for rows, positions in spans:
+                    for layer in range(len(gk)):
+                        dk[layer][rows] += gk[layer][positions]
+                        dv[layer][rows] += gv[layer][positions]
             dkv = (dk, dv)
         self._backward(unit, keep, ctx, loss, pk, pv, dkv)
 

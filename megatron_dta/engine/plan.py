@@ -14,6 +14,7 @@ Every (rollout, position >= 1) of the batch is exactly one element of exactly on
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,8 @@ class Unit:
     pair_target: torch.Tensor  # [pairs]
     elem_pair: torch.Tensor  # [elems] index into pairs
     elem_flat: torch.Tensor  # [elems] index into the flat per-token tables (seq_offset + position)
+    seg_pos: list[int] = field(default_factory=list)  # position id of each segment's first token
+    seg_chain: list[list[int]] = field(default_factory=list)  # in-unit ancestors of each segment, itself last
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +76,7 @@ class _UnitBuilder:
 
     def build(self, segments, prefix_len: int, seg_in=None, seg_out=None) -> Unit:
         f = self.f
-        ids, pos, bounds = [], [], []
+        ids, pos, bounds, seg_pos = [], [], [], []
         pair_h, pair_t, elem_p, elem_f = [], [], [], []
         n_pairs = start = 0
 
@@ -96,6 +99,7 @@ class _UnitBuilder:
             ids.append(toks)
             pos.append(np.arange(node.offset + c, node.offset + c + length))
             bounds.append((start, length))
+            seg_pos.append(node.offset + c)
             inner = np.arange(length - 1)
             add_pairs(start + inner, toks[1:], node.offset + c + 1 + inner, node.sequences)
             last = start + length - 1
@@ -114,7 +118,7 @@ class _UnitBuilder:
                         None if seg_in is None else torch.as_tensor(seg_in, dtype=torch.long),
                         None if seg_out is None else torch.as_tensor(seg_out, dtype=torch.long))
         return Unit(input_ids, cat(pos), prefix_len, spec, bounds, [[] for _ in bounds],
-                    cat(pair_h), cat(pair_t), cat(elem_p), cat(elem_f))
+                    cat(pair_h), cat(pair_t), cat(elem_p), cat(elem_f), seg_pos, [[i] for i in range(len(bounds))])
 
 
 def seq_offsets_of(lengths) -> np.ndarray:
@@ -168,57 +172,102 @@ def plan_sparse(sequences, seq_offsets, max_tokens: int | None = None) -> Plan:
     return Plan("sparse", roots, 0, computed, len(roots), {"microbatches": len(roots)})
 
 
-def plan_dta(sequences, seq_offsets, block_size: int = 2048) -> Plan:
-    """Units of sibling segments of at most ``block_size`` tokens; long nodes become chains of chunks."""
+def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | None = None) -> Plan:
+    """DFS units over the forest.
+
+    Long nodes become chains of chunks of at most ``block_size`` tokens (segments). A unit packs
+    sibling segments and then, breadth first, their descendants while it holds at most
+    ``pack_tokens`` (default ``block_size``) tokens; inside a unit the segments attend through a
+    tree mask, and children left outside become child units under their segment. Packing turns
+    chains of short nodes and fans of short siblings into few model calls; the bound keeps a unit's
+    activations (and so memory) independent of the tree's size.
+    """
+    pack_tokens = pack_tokens or block_size
     f = PrefixForest(sequences)
     builder = _UnitBuilder(f, seq_offsets, np.arange(len(sequences)))
 
     def first_chunk(nid):
         return (nid, 0, min(block_size, f.nodes[nid].length))
 
-    def group_units(segments, prefix_len):
-        """Pack sibling segments greedily into units of at most block_size tokens."""
+    def seg_children(seg):
+        nid, c, length = seg
+        node = f.nodes[nid]
+        if c + length < node.length:
+            return [(nid, c + length, min(block_size, node.length - c - length))]
+        return [first_chunk(ch) for ch in node.children]
+
+    def sibling_groups(segments):
         groups, cur, used = [], [], 0
         for seg in segments:
-            if cur and used + seg[2] > block_size:
+            if cur and used + seg[2] > pack_tokens:
                 groups.append(cur)
                 cur, used = [], 0
             cur.append(seg)
             used += seg[2]
-        if cur:
-            groups.append(cur)
-        units = []
-        for g in groups:
-            seg_in = np.repeat(np.arange(len(g)), [s[2] for s in g])
-            multi = len(g) > 1
-            units.append((builder.build(g, prefix_len, seg_in if multi else None, seg_in + 1 if multi else None), g))
-        return units
+        return groups + [cur] if cur else groups
+
+    def make_unit(group, prefix_len):
+        """(unit, its segments in unit order, children left outside per segment)."""
+        used = sum(seg[2] for seg in group)
+        inside, outside = {}, {}
+        queue = deque(group)
+        while queue:
+            seg = queue.popleft()
+            inside[seg], outside[seg] = [], []
+            for ch in seg_children(seg):
+                if used + ch[2] <= pack_tokens:
+                    used += ch[2]
+                    inside[seg].append(ch)
+                    queue.append(ch)
+                else:
+                    outside[seg].append(ch)
+        order, parent = [], []
+        stack = [(seg, -1) for seg in reversed(group)]
+        while stack:  # unit segments in DFS pre-order, so the tree mask is an interval test
+            seg, par = stack.pop()
+            parent.append(par)
+            order.append(seg)
+            stack.extend((ch, len(order) - 1) for ch in reversed(inside[seg]))
+        seg_out = np.arange(1, len(order) + 1)
+        for i in range(len(order) - 1, -1, -1):
+            if parent[i] >= 0:
+                seg_out[parent[i]] = max(seg_out[parent[i]], seg_out[i])
+        chains = []
+        for i in range(len(order)):
+            chain, j = [], i
+            while j >= 0:
+                chain.append(j)
+                j = parent[j]
+            chains.append(chain[::-1])
+        lengths = [seg[2] for seg in order]
+        tok_seg = np.repeat(np.arange(len(order)), lengths)
+        multi = len(order) > 1
+        unit = builder.build(order, prefix_len, tok_seg if multi else None, seg_out[tok_seg] if multi else None)
+        unit.seg_chain = chains
+        return unit, order, [outside[seg] for seg in order]
 
     n_units = 0
-    roots = []
-    todo = [(roots, f.roots and [first_chunk(r) for r in f.roots], 0)]
+    roots: list[Unit] = []
+    todo = [(roots, [first_chunk(r) for r in f.roots], 0)]
     while todo:
         sink, segments, prefix_len = todo.pop()
-        for unit, segs in group_units(segments, prefix_len):
+        for group in sibling_groups(segments):
+            unit, order, outside = make_unit(group, prefix_len)
             n_units += 1
             sink.append(unit)
-            for k, (nid, c, length) in enumerate(segs):
-                node = f.nodes[nid]
-                if c + length < node.length:
-                    nxt = [(nid, c + length, min(block_size, node.length - c - length))]
-                else:
-                    nxt = [first_chunk(ch) for ch in node.children]
-                if nxt:
-                    todo.append((unit.children[k], nxt, node.offset + c + length))
+            for k, ((nid, c, length), rest) in enumerate(zip(order, outside)):
+                if rest:
+                    todo.append((unit.children[k], rest, f.nodes[nid].offset + c + length))
     return Plan("dta", roots, f.max_path_tokens, f.unique_tokens, n_units,
                 {"nodes": len(f.nodes), "sharing_ratio": f.sharing_ratio})
 
 
-def build_plan(mode: str, sequences, seq_offsets, block_size: int = 2048, max_tokens_per_microbatch=None) -> Plan:
+def build_plan(mode: str, sequences, seq_offsets, block_size: int = 2048, max_tokens_per_microbatch=None,
+               pack_tokens: int | None = None) -> Plan:
     if mode == "dense":
         return plan_dense(sequences, seq_offsets)
     if mode == "sparse":
         return plan_sparse(sequences, seq_offsets, max_tokens_per_microbatch)
     if mode == "dta":
-        return plan_dta(sequences, seq_offsets, block_size)
+        return plan_dta(sequences, seq_offsets, block_size, pack_tokens)
     raise ValueError(f"engine mode '{mode}' is unknown; choose one of {MODES}")

@@ -5,13 +5,16 @@ dropped; backward recomputes them chunk by chunk. So memory is O(chunk x vocab/t
 [tokens, vocab]. Across tensor-parallel ranks the vocabulary is split in contiguous ranges (as
 megatron's VocabParallelEmbedding splits it); the max, the sum of exponentials, the expectation of
 the logits and the target logit are all-reduced. Logits are upcast to at least float32 (float64
-stays float64, so the float64 path is exact to round-off).
+stays float64, so the float64 path is exact to round-off). When all of a call's logits take at
+most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed (small CPU batches).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+KEEP_LOGITS_BYTES = 64 << 20
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -31,9 +34,13 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         local_t = targets_T - vocab_start
         owned = (local_t >= 0) & (local_t < V)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+        keep = T * V * torch.finfo(cdtype).bits // 8 <= KEEP_LOGITS_BYTES
+        kept = []
         for a in range(0, T, chunk):
             b = min(T, a + chunk)
             z_cV = (hidden_TH[a:b] @ weight_VH.t()).to(cdtype)
+            if keep:
+                kept.append(z_cV)
             m_c = _all_reduce(z_cV.max(dim=-1).values, dist.ReduceOp.MAX, group)
             e_cV = torch.exp(z_cV - m_c[:, None])
             zt_c = z_cV.gather(1, local_t[a:b, None]).squeeze(1) * owned[a:b]
@@ -42,7 +49,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             mean_z_T[a:b] = sums_3c[1] / sums_3c[0]
             target_z_T[a:b] = sums_3c[2]
         ctx.save_for_backward(hidden_TH, weight_VH, local_t, owned, lse_T, mean_z_T)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.kept = chunk, kept
         ctx.set_materialize_grads(False)  # an unused output (often entropy) then costs nothing
         return target_z_T - lse_T, lse_T - mean_z_T
 
@@ -50,26 +57,27 @@ class _FusedLogprobEntropy(torch.autograd.Function):
     def backward(ctx, dlogprob_T, dentropy_T):
         hidden_TH, weight_VH, local_t, owned, lse_T, mean_z_T = ctx.saved_tensors
         cdtype = lse_T.dtype
-        grad_h = torch.zeros_like(hidden_TH) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight_VH) if ctx.needs_input_grad[1] else None
+        grad_h = torch.empty_like(hidden_TH) if ctx.needs_input_grad[0] else None
+        grad_w = None
         T = hidden_TH.shape[0]
-        for a in range(0, T, ctx.chunk):
+        for i, a in enumerate(range(0, T, ctx.chunk)):
             b = min(T, a + ctx.chunk)
-            z_cV = (hidden_TH[a:b] @ weight_VH.t()).to(cdtype)
+            z_cV = ctx.kept[i] if ctx.kept else (hidden_TH[a:b] @ weight_VH.t()).to(cdtype)
             p_cV = torch.exp(z_cV - lse_T[a:b, None])
             # d logprob / dz = onehot(target) - p ;  d entropy / dz = -p * (z - E_p[z])
-            dz_cV = torch.zeros_like(z_cV)
+            coef_c = torch.zeros_like(lse_T[a:b]) if dlogprob_T is None else dlogprob_T[a:b].to(cdtype)
+            if dentropy_T is None:
+                dz_cV = p_cV * -coef_c[:, None]
+            else:
+                dz_cV = p_cV * -(coef_c[:, None] + (z_cV - mean_z_T[a:b, None]) * dentropy_T[a:b, None].to(cdtype))
             if dlogprob_T is not None:
-                dlp_c = dlogprob_T[a:b].to(cdtype)
-                dz_cV -= p_cV * dlp_c[:, None]
-                dz_cV.scatter_add_(1, local_t[a:b, None], (dlp_c * owned[a:b])[:, None])
-            if dentropy_T is not None:
-                dz_cV -= p_cV * (z_cV - mean_z_T[a:b, None]) * dentropy_T[a:b, None].to(cdtype)
+                dz_cV.scatter_add_(1, local_t[a:b, None], (coef_c * owned[a:b])[:, None])
             dz_cV = dz_cV.to(hidden_TH.dtype)
             if grad_h is not None:
                 grad_h[a:b] = dz_cV @ weight_VH
-            if grad_w is not None:
-                grad_w += dz_cV.t() @ hidden_TH[a:b]
+            if ctx.needs_input_grad[1]:
+                g = dz_cV.t() @ hidden_TH[a:b]
+                grad_w = g if grad_w is None else grad_w.add_(g)
         return grad_h, grad_w, None, None, None, None
 
 

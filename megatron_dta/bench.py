@@ -1,0 +1,147 @@
+"""Benchmark worker: time forward+backward steps of one execution mode in this process.
+
+``tools/benchmark.py`` starts one fresh process per mode (so peak memory is the mode's own) and
+collects the JSON each prints. Modes: ``dense``, ``sparse``, ``dta`` (this engine) and, when
+transformers is installed, ``hf_dense`` (HF running each rollout alone) and ``hf_sparse`` (HF on
+the packed forest with a 4D ancestor mask): the baselines users run today.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from megatron_dta.engine import Engine, EngineConfig
+from megatron_dta.forest import PrefixForest
+from megatron_dta.losses import PolicyLoss
+from megatron_dta.model.config import ModelConfig
+from megatron_dta.rollouts import Rollout
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MemoryMeter:
+    """Peak memory of the process and of a step: RSS on CPU, allocated bytes on GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def baseline(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return current_rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
+
+
+def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed: bool):
+    """A PPO step with HF transformers on the same architecture (random weights)."""
+    import transformers
+
+    from megatron_dta.model.hf import config_to_hf
+
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg.pop("architectures")
+    config = transformers.AutoConfig.for_model(**hf_cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    loss_fn = PolicyLoss()
+    table = loss_fn.token_table(rollouts)
+    if not packed:
+        def step():
+            offset = 0
+            for r in rollouts:
+                ids = torch.as_tensor(r.input_ids, device=device)[None]
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+                sl = slice(offset + 1, offset + len(r))
+                loss, _ = loss_fn.terms(lp, None, {k: v[sl].to(device) for k, v in table.items()})
+                loss.backward()
+                offset += len(r)
+        return model, step
+
+    forest = PrefixForest([r.input_ids for r in rollouts])
+    pk = forest.packed()
+    mask = torch.as_tensor(pk.dense_mask(), device=device)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)[None, None]
+    ids = torch.as_tensor(pk.input_ids, device=device)[None]
+    pos = torch.as_tensor(pk.position_ids, device=device)[None]
+    # (token row predicting, target) for each (rollout, position): gather as the engine does
+    rows, targets, flat = [], [], []
+    offset = 0
+    for i, r in enumerate(rollouts):
+        path = forest.paths[i]
+        token_rows = np.concatenate([pk.node_start[n] + np.arange(forest.nodes[n].length) for n in path])
+        rows.append(token_rows[:-1])
+        targets.append(r.input_ids[1:])
+        flat.append(offset + np.arange(1, len(r)))
+        offset += len(r)
+    rows_t = torch.as_tensor(np.concatenate(rows), device=device)
+    tgt_t = torch.as_tensor(np.concatenate(targets), device=device)
+    flat_t = torch.as_tensor(np.concatenate(flat))
+
+    def step():
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=bias).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)[rows_t, tgt_t]
+        loss, _ = loss_fn.terms(lp, None, {k: v[flat_t].to(device) for k, v in table.items()})
+        loss.backward()
+    return model, step
+
+
+def run_mode(mode: str, cfg: ModelConfig, rollouts: list[Rollout], steps: int, dtype: str, device: str,
+             block_size: int = 2048, max_tokens_per_microbatch: int | None = None, hf_dir: str | None = None) -> dict:
+    """Median seconds per forward+backward step and memory of one mode; 1 warm-up step first."""
+    from megatron_dta.model.transformer import Transformer
+    from megatron_dta.parallel import ParallelLayout
+
+    torch.manual_seed(0)
+    tdtype = DTYPES[dtype]
+    ParallelLayout.create(tp=1, device=device)
+    if mode.startswith("hf_"):
+        model, step = _hf_step_fn(cfg, tdtype, device, rollouts, packed=(mode == "hf_sparse"))
+    else:
+        if hf_dir:
+            from megatron_dta.model.hf import load_hf_checkpoint
+
+            model, _ = load_hf_checkpoint(hf_dir, dtype=tdtype, device=device)
+        else:
+            model = Transformer(cfg, dtype=tdtype, device=device)
+        engine = Engine(model, EngineConfig(mode=mode, block_size=block_size,
+                                            max_tokens_per_microbatch=max_tokens_per_microbatch), device=device)
+
+        def step():
+            engine.forward_backward(rollouts)
+
+    meter = MemoryMeter(device)
+    before = meter.baseline()
+    times = []
+    for i in range(steps + 1):
+        model.zero_grad(set_to_none=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # step 0 is the warm-up
+            times.append(time.perf_counter() - t0)
+    total = sum(len(r) for r in rollouts)
+    sec = statistics.median(times)
+    peak = meter.peak()
+    return {"seconds_per_step": sec, "tokens_per_second": total / sec, "peak_memory_bytes": peak,
+            "step_memory_bytes": peak - before, "steps": steps}

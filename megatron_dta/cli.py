@@ -1,0 +1,109 @@
+"""`megatron-dta` (also `python -m megatron_dta`): train, logprobs, export, demo.
+
+Run it directly for one process, or under `torchrun --nproc-per-node N` (one or many nodes) for
+tensor and data parallelism. Mistakes in the config, the overrides or a rollout file end the
+command with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+CONFIG_HELP = """\
+configuration: a YAML file of sections, each a mapping of keys; the defaults are the CPU demo.
+  model       preset | hf_checkpoint (local HF directory) | arch (ModelConfig fields over the preset)
+  parallel    tp, pp (1), device (auto|cpu|cuda); data parallel = world size / tp
+  data        rollouts (JSONL) | workload (+ workload_args), rollouts_per_step, microbatch_tokens,
+              fill_old_logprobs, seed
+  loss        eps_clip_low/high, dual_clip, kl_coef, kl_estimator (k1|k3), entropy_coef,
+              normalization (token_mean|sequence_mean|constant), constant_divisor,
+              group_normalize_advantages, group_std_eps
+  optimizer   lr, min_lr, warmup_steps, betas, eps, weight_decay, grad_clip,
+              backend (torch|deepspeed|megatron), zero_stage (1|2)
+  engine      mode (dta|sparse|dense), block_size, activation_budget_tokens,
+              max_tokens_per_microbatch, attention
+  train       steps, seed, dtype (float32|float64|bfloat16)
+  checkpoint  run_dir, every, keep_last
+  logging     progress (auto|bar|lines|none), log_every
+Override any key after the options: section.key=value (e.g. optimizer.lr=1e-5 train.steps=100)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="megatron-dta", description=__doc__, formatter_class=fmt)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train for the configured steps", formatter_class=fmt, epilog=CONFIG_HELP,
+                       description="Train on a rollout file or a synthetic workload. Writes RUN_DIR/metrics.jsonl "
+                                   "(one JSON object per step), RUN_DIR/config.yaml and checkpoints under "
+                                   "RUN_DIR/checkpoints (RUN_DIR is checkpoint.run_dir).")
+    t.add_argument("--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in checkpoint.run_dir (from scratch if none)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's")
+
+    lp = sub.add_parser("logprobs", help="forward-only log-probs and entropy of a rollout file", formatter_class=fmt,
+                        epilog=CONFIG_HELP,
+                        description="No-grad DTA forward of the config's model over a rollout file; writes each "
+                                    "rollout back with 'logprobs' and 'entropy' (one per token, entry 0 = 0.0), "
+                                    "e.g. to fill old_logprobs or ref_logprobs.")
+    lp.add_argument("--config", metavar="FILE.yaml", help="YAML config: its model, train.dtype, parallel, engine and "
+                    "data.microbatch_tokens are used (default: the built-in demo config)")
+    lp.add_argument("--rollouts", required=True, metavar="IN.jsonl", help="rollout file to score")
+    lp.add_argument("--out", required=True, metavar="OUT.jsonl", help="where to write the scored rollouts")
+    lp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's")
+
+    ex = sub.add_parser("export", help="a trained checkpoint as an HF checkpoint directory", formatter_class=fmt,
+                        description="Copy the model of a complete checkpoint of a run out as an HF checkpoint "
+                                    "(config.json + model.safetensors) that transformers loads.")
+    ex.add_argument("--run-dir", required=True, metavar="DIR", help="the run's directory (checkpoint.run_dir)")
+    ex.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest complete one)")
+    ex.add_argument("--hf-out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                    help="convert the weights (default: the training dtype)")
+
+    d = sub.add_parser("demo", help="train the tiny CPU demo, then time dta against dense", formatter_class=fmt,
+                       description="Train the built-in default config (tiny model, synthetic multi-turn workload, "
+                                   "CPU), print the loss by step, then time one forward+backward of the same batch "
+                                   "in dense and dta modes and print the speed-up.")
+    d.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="where the demo run goes (default: %(default)s;"
+                   " replaced)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    from megatron_dta.cli_util import user_errors
+    from megatron_dta.parallel import shutdown
+
+    with user_errors():
+        try:
+            return _run(args)
+        finally:
+            shutdown()
+
+
+def _run(args) -> int:
+    from megatron_dta import train as t
+    from megatron_dta.config import Config
+
+    if args.command == "train":
+        t.train(Config.from_yaml(args.config, args.overrides), resume=args.resume)
+    elif args.command == "logprobs":
+        n = t.compute_logprobs(Config.from_yaml(args.config, args.overrides), args.rollouts, args.out)
+        print(f"wrote {args.out}: {n} rollouts with logprobs and entropy")
+    elif args.command == "export":
+        used = t.export(args.run_dir, args.hf_out, args.step, args.dtype)
+        print(f"exported {used} to {args.hf_out}")
+    else:
+        t.demo(args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

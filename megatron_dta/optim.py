@@ -1,0 +1,284 @@
+"""Optimizer step with data parallelism: AdamW, global-norm clipping, warmup + cosine LR.
+
+Three backends behind one small interface (``accumulate()`` around the microbatches' backward
+passes, then ``step(lr) -> grad_norm``, ``save(dir)``/``load(dir)``):
+- ``torch``: AdamW (apex FusedAdam on CUDA when apex is already installed); gradients summed over
+  data-parallel ranks with one all-reduce, then clipped by the global norm. Low-precision
+  parameters get float32 master weights.
+- ``deepspeed``: DeepSpeed ZeRO stage 1 (optimizer states partitioned over DP) or 2 (gradients too),
+  on CPU with gloo as well as on GPU. The DFS engine runs many backward calls per step, so the
+  reduction is coalesced into one pass per step (``coalesce_grad_reduction``).
+- ``megatron``: megatron-core DistributedDataParallel + distributed optimizer (CUDA only).
+The loss is already normalized by the global denominator, so gradients are *summed* over DP ranks.
+Invariant of the norm: a TP-sharded parameter counts once per TP rank (its shards are disjoint), a
+replicated one (norms) counts once in all, and DP replicas are not counted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from megatron_dta.parallel import ParallelLayout, all_reduce_grads
+
+BACKENDS = ("torch", "deepspeed", "megatron")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0  # the cosine schedule ends here
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW); never on norms or biases
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
+    backend: str = "torch"
+    zero_stage: int = 1  # deepspeed: 1 partitions optimizer states, 2 gradients too
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr must be in [0, optimizer.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optimizer.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"optimizer.backend '{self.backend}' must be one of {BACKENDS}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"optimizer.zero_stage must be 1 or 2, got {self.zero_stage}")
+
+
+def lr_at(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine from lr to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (norm weights and biases are 1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> float:
+    """L2 norm of the full model's gradient (see the module invariant), in float64."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq = torch.zeros((), dtype=torch.float64, device=layout.device)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
+            sq += p.grad.detach().double().pow(2).sum()
+    if layout.tp > 1:
+        dist.all_reduce(sq, group=layout.tp_group)
+    return math.sqrt(sq.item())
+
+
+def _adamw(groups: list[dict], cfg: OptimizerConfig, device: str) -> torch.optim.Optimizer:
+    if device == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class TorchOptimizer:
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, layout: ParallelLayout):
+        self.model, self.cfg, self.layout = model, cfg, layout
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = param_groups(model, cfg.weight_decay)
+        # float32 master weights for low-precision parameters: bf16 cannot hold small updates
+        self.master = {p: p.detach().float().clone() for p in self.params if p.dtype in (torch.bfloat16, torch.float16)}
+        for g in groups:
+            g["params"] = [self.master.get(p, p) for p in g["params"]]
+        self.opt = _adamw(groups, cfg, layout.device)
+
+    def accumulate(self):
+        return contextlib.nullcontext()
+
+    def step(self, lr: float) -> float:
+        all_reduce_grads(self.model, self.layout.dp_group)
+        norm = global_grad_norm(self.params, self.layout)
+        scale = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if self.cfg.grad_clip is not None else 1.0
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if scale < 1.0:
+                p.grad.mul_(scale)
+            if p in self.master:
+                self.master[p].grad = p.grad.float()
+        _set_lr(self.opt, lr)
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in self.master.items():
+                p.copy_(m)
+        self.zero_grad()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    def save(self, directory: Path) -> None:
+        """Optimizer states are the same on every DP rank: DP rank 0 of each TP rank writes them."""
+        if self.layout.dp_rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": self.opt.state_dict(), "master": list(self.master.values())},
+                       directory / f"torch_tp{self.layout.tp_rank}.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / f"torch_tp{self.layout.tp_rank}.pt", map_location=self.layout.device,
+                           weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for m, saved in zip(self.master.values(), state["master"]):
+                m.copy_(saved)
+
+
+def _deepspeed_mpu(layout: ParallelLayout) -> SimpleNamespace:
+    """The process-group interface DeepSpeed asks of a model-parallel library (TP is its model parallel)."""
+    tp = {"rank": lambda: layout.tp_rank, "world_size": lambda: layout.tp, "group": lambda: layout.tp_group}
+    dp = {"rank": lambda: layout.dp_rank, "world_size": lambda: layout.dp, "group": lambda: layout.dp_group}
+    return SimpleNamespace(**{f"get_model_parallel_{k}": f for k, f in tp.items()},
+                           **{f"get_tensor_model_parallel_{k}": f for k, f in tp.items()},
+                           **{f"get_data_parallel_{k}": f for k, f in dp.items()})
+
+
+class DeepSpeedOptimizer:
+    """DeepSpeed ZeRO 1/2 around a torch AdamW; DeepSpeed clips by the global norm (TP-aware via mpu)."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, layout: ParallelLayout):
+        import deepspeed
+
+        if "RANK" not in os.environ:  # a world of one without torchrun; DeepSpeed insists on the variable
+            os.environ["LOCAL_RANK"] = "0"
+        self.layout = layout
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtype = self.params[0].dtype
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,  # a plain torch AdamW
+            "gradient_clipping": cfg.grad_clip or 0.0,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, self.opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=_adamw(param_groups(model, cfg.weight_decay), cfg, layout.device),
+            config=ds_config, mpu=_deepspeed_mpu(layout), dist_init_required=False)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Every backward of the step inside; one reduction over DP when it closes."""
+        with self.engine.coalesce_grad_reduction():
+            yield
+            # DeepSpeed averages over DP ranks; the loss is already normalized globally, so sum.
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(self.layout.dp)
+
+    def step(self, lr: float) -> float:
+        _set_lr(self.opt, lr)
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{directory}: no DeepSpeed checkpoint '{self.TAG}' (was it saved with another backend?)")
+
+
+class MegatronOptimizer:
+    """megatron-core DDP (gradient buckets, reduce-scatter) and its distributed optimizer. CUDA only.
+
+    DDP's hooks move each backward's gradients into its buffers, so the DFS engine's many backward
+    calls per step accumulate there; ``finish_grad_sync`` reduces once. ``calculate_per_token_loss``
+    makes the reduction a sum (our loss is normalized by the global denominator already).
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, layout: ParallelLayout):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.transformer import TransformerConfig
+
+        if layout.device != "cuda":
+            raise ValueError("optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU")
+        mcfg = model.cfg
+        dtype = next(model.parameters()).dtype
+        bf16 = dtype == torch.bfloat16
+        tcfg = TransformerConfig(
+            num_layers=mcfg.num_layers, hidden_size=mcfg.hidden_size, num_attention_heads=mcfg.num_heads,
+            tensor_model_parallel_size=layout.tp, params_dtype=dtype, bf16=bf16, calculate_per_token_loss=True)
+        self.ddp = DistributedDataParallel(
+            tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                                overlap_grad_reduce=False), module=model)
+        self.opt = get_megatron_optimizer(
+            MegatronOptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                    adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
+                                    clip_grad=cfg.grad_clip or 0.0, bf16=bf16, params_dtype=dtype,
+                                    use_distributed_optimizer=True),
+            [self.ddp])
+        self.layout = layout
+
+    def accumulate(self):
+        return contextlib.nullcontext()
+
+    def step(self, lr: float) -> float:
+        self.ddp.finish_grad_sync()
+        _set_lr(self.opt, lr)
+        _, grad_norm, _ = self.opt.step()
+        self.zero_grad()
+        return float(grad_norm or 0.0)
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # parameter states are gathered to DP rank 0 of each TP rank (a collective over DP)
+        self.opt.save_parameter_state(str(directory / f"megatron_tp{self.layout.tp_rank}_params.pt"))
+        if self.layout.dp_rank == 0:
+            torch.save(self.opt.state_dict(), directory / f"megatron_tp{self.layout.tp_rank}.pt")
+
+    def load(self, directory: Path) -> None:
+        self.opt.load_state_dict(torch.load(directory / f"megatron_tp{self.layout.tp_rank}.pt", weights_only=False))
+        self.opt.load_parameter_state(str(directory / f"megatron_tp{self.layout.tp_rank}_params.pt"))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, layout: ParallelLayout):
+    cls = {"torch": TorchOptimizer, "deepspeed": DeepSpeedOptimizer, "megatron": MegatronOptimizer}[cfg.backend]
+    return cls(model, cfg, layout)

@@ -1,0 +1,275 @@
+"""The training loop and its siblings (forward-only log-probs, HF export, the demo).
+
+``train`` reads top to bottom: parallel layout, model, data, loss, engine, optimizer, checkpoints,
+then one ``train_step`` per optimizer update. A step draws the same global batch on every rank,
+prepares it as a whole (GRPO group statistics), lets the balancer give each data-parallel rank its
+microbatches, normalizes the loss by the all-reduced global denominator, runs the engine on each
+microbatch (gradients accumulate), and lets the optimizer sum gradients over DP, clip and step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_dta.balancer import balance
+from megatron_dta.checkpoint import COMPLETE, Checkpointer, complete_checkpoints, latest_complete, step_dir
+from megatron_dta.config import Config
+from megatron_dta.data import TrainData
+from megatron_dta.engine import Engine
+from megatron_dta.losses import PolicyLoss
+from megatron_dta.metrics import MetricsLog, read_metrics
+from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
+from megatron_dta.model.transformer import Transformer
+from megatron_dta.optim import build_optimizer, lr_at
+from megatron_dta.parallel import ParallelLayout, all_reduce_scalar
+from megatron_dta.rollouts import Rollout, load_rollouts, write_rollouts
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# summed over DP ranks each step, in this order
+_SUMS = ("loss", "total_tokens", "computed_tokens", "recomputed_tokens", "tokens", "clipped", "approx_kl", "entropy")
+
+
+def create_layout(cfg: Config) -> ParallelLayout:
+    device = cfg.parallel.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ParallelLayout.create(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device)
+
+
+def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
+    """From the HF checkpoint, or a seeded random init that does not depend on the TP degree (drawn
+    on the full HF-shaped tensors, then sharded), so TP=2 starts from the same weights as TP=1."""
+    dtype = DTYPES[cfg.train.dtype]
+    if cfg.model.hf_checkpoint is not None:
+        model, _ = load_hf_checkpoint(cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device)
+        return model
+    model = Transformer(cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    full = {}
+    for name, t in sorted(gather_hf(model, "param", layout.tp_group).items()):
+        if name.endswith("norm.weight"):
+            full[name] = torch.ones_like(t)
+        elif name.endswith(".bias"):
+            full[name] = torch.zeros_like(t)
+        else:
+            full[name] = torch.randn(t.shape, generator=gen, dtype=torch.float64).mul_(model.cfg.init_std).to(dtype)
+    load_hf_into(model, full, layout.tp_rank, "initialisation")
+    return model
+
+
+def local_microbatches(batch: list[Rollout], layout: ParallelLayout, microbatch_tokens: int | None):
+    """(the balance plan, indices into ``batch`` of this DP rank's microbatches, empty ones dropped)."""
+    plan = balance(batch, layout.dp, microbatch_tokens)
+    return plan, [mb for mb in plan.for_rank(layout.dp_rank) if mb]
+
+
+def gather_over_dp(value: dict, layout: ParallelLayout) -> dict:
+    """Merge every DP rank's dict (keys are disjoint)."""
+    if layout.dp == 1:
+        return value
+    parts = [None] * layout.dp
+    dist.all_gather_object(parts, value, group=layout.dp_group)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def forward_logprobs(engine: Engine, rollouts: list[Rollout], layout: ParallelLayout,
+                     microbatch_tokens: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{index: (logprobs, entropy)} of every rollout, computed over the DP ranks, known to all."""
+    out = {}
+    for mb in local_microbatches(rollouts, layout, microbatch_tokens)[1]:
+        res = engine.logprobs([rollouts[i] for i in mb])
+        out.update({i: (lp, ent) for i, lp, ent in zip(mb, res.logprobs, res.entropy)})
+    return gather_over_dp(out, layout)
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
+
+
+def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, loss_fn: PolicyLoss,
+               engine: Engine, optimizer) -> dict:
+    start = time.perf_counter()
+    if layout.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    idx = data.next_indices()
+    missing = data.missing_old_logprobs(idx)
+    if missing:
+        filled = forward_logprobs(engine, [data.rollouts[i] for i in missing], layout, cfg.data.microbatch_tokens)
+        data.fill({missing[k]: lp for k, (lp, _) in filled.items()})
+    batch = loss_fn.prepare([data.rollouts[i] for i in idx])
+    plan, local = local_microbatches(batch, layout, cfg.data.microbatch_tokens)
+    micro = [[batch[i] for i in mb] for mb in local]
+    denominator = all_reduce_scalar(loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group)
+
+    sums = dict.fromkeys(_SUMS, 0.0)
+    optimizer.zero_grad()
+    with optimizer.accumulate():
+        for rollouts in micro:
+            res = engine.forward_backward(rollouts, loss_fn, denominator)
+            sums["loss"] += res.loss.item()
+            sums["total_tokens"] += sum(len(r) for r in rollouts)
+            sums["computed_tokens"] += res.plan.computed_tokens
+            sums["recomputed_tokens"] += res.recomputed_tokens
+            for k, v in res.stats.items():
+                sums[k] += float(v)
+    lr = lr_at(cfg.optimizer, step, cfg.train.steps)
+    grad_norm = optimizer.step(lr)
+
+    totals = torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64)
+    if layout.dp > 1:
+        dist.all_reduce(totals, group=layout.dp_group)
+    g = dict(zip(_SUMS, totals.tolist()))
+    peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
+    seconds = time.perf_counter() - start
+    loss_tokens = max(g["tokens"], 1.0)
+    return {
+        "step": step + 1,
+        "loss": g["loss"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "total_tokens": int(g["total_tokens"]),
+        "unique_tokens": plan.unique_tokens,
+        "computed_tokens": int(g["computed_tokens"]),
+        "recomputed_tokens": int(g["recomputed_tokens"]),
+        "sharing_ratio": g["total_tokens"] / max(plan.unique_tokens, 1),
+        "loss_tokens": int(g["tokens"]),
+        "tokens_per_second": g["total_tokens"] / seconds,
+        "seconds": seconds,
+        "peak_memory_bytes": int(peak),
+        "clip_fraction": g["clipped"] / loss_tokens,
+        "approx_kl": g["approx_kl"] / loss_tokens,
+        "entropy": g["entropy"] / loss_tokens,
+        "microbatches": plan.num_microbatches,
+    }
+
+
+def save_config(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plain = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, for safe_dump
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+
+
+def train(cfg: Config, resume: bool = False) -> list[dict]:
+    """Run the configured steps; returns this run's per-step metrics (on every rank)."""
+    layout = create_layout(cfg)
+    run_dir = Path(cfg.checkpoint.run_dir)
+    if not resume and complete_checkpoints(run_dir):
+        raise ValueError(f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
+                         "that run, or set checkpoint.run_dir to a new directory")
+    model = build_model(cfg, layout)
+    data = TrainData(cfg.data, model.cfg.vocab_size)
+    loss_fn = PolicyLoss(cfg.loss)
+    engine = Engine(model, cfg.engine, layout.device)
+    optimizer = build_optimizer(model, cfg.optimizer, layout)
+    checkpointer = Checkpointer(cfg.checkpoint, layout, cfg.train.steps, cfg.train.dtype)
+
+    start = 0
+    latest = latest_complete(run_dir) if resume else None
+    if latest is not None:
+        state = checkpointer.load(latest, model, optimizer)
+        data.load_state_dict(state["data"])
+        start = state["step"]
+    if layout.is_main:
+        save_config(cfg, run_dir)
+    log = MetricsLog(cfg.logging, run_dir, cfg.train.steps, start, layout.is_main)
+    history = []
+    for step in range(start, cfg.train.steps):
+        metrics = train_step(step, cfg, layout, data, loss_fn, engine, optimizer)
+        log.write(metrics)
+        history.append(metrics)
+        if checkpointer.due(step + 1):
+            checkpointer.save(step + 1, model, optimizer, {"data": data.state_dict()})
+    log.close()
+    return history
+
+
+def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:
+    """Forward-only pass: each rollout written back with ``logprobs`` and ``entropy`` (entry 0 = 0.0)."""
+    layout = create_layout(cfg)
+    model = build_model(cfg, layout)
+    rollouts = load_rollouts(rollouts_path, model.cfg.vocab_size)
+    engine = Engine(model, cfg.engine, layout.device)
+    values = forward_logprobs(engine, rollouts, layout, cfg.data.microbatch_tokens)
+    if layout.is_main:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        write_rollouts(out_path, ({**r.to_json(), "logprobs": values[i][0].tolist(), "entropy": values[i][1].tolist()}
+                                  for i, r in enumerate(rollouts)))
+    return len(rollouts)
+
+
+def export(run_dir: str, hf_out: str, step: int | None = None, dtype: str | None = None) -> Path:
+    """Copy a complete checkpoint's model out as an HF checkpoint directory; returns the checkpoint used."""
+    path = step_dir(run_dir, step) if step is not None else latest_complete(run_dir)
+    if path is None or not (path / COMPLETE).is_file():
+        found = [p.name for p in complete_checkpoints(run_dir)]
+        raise ValueError(f"{run_dir}: no complete checkpoint{f' for step {step}' if step is not None else ''}; "
+                         f"complete ones: {', '.join(found) or 'none'}")
+    hf_cfg, tensors = read_hf_dir(path / "model")
+    if dtype is not None:
+        hf_cfg = {**hf_cfg, "dtype": dtype}
+    save_hf_checkpoint(tensors, hf_cfg, hf_out, dtype=dtype)
+    return path
+
+
+def time_modes(cfg: Config, modes=("dta", "dense"), repeats: int = 2) -> dict[str, tuple[float, int]]:
+    """Best-of-``repeats`` seconds and computed tokens of one forward+backward of the first step's
+    batch in each mode; modes interleave after an untimed warm-up, so a busy machine hurts both."""
+    layout = create_layout(cfg)
+    model = build_model(cfg, layout)
+    data = TrainData(cfg.data, model.cfg.vocab_size)
+    loss_fn = PolicyLoss(cfg.loss)
+    batch = loss_fn.prepare([data.rollouts[i] for i in data.next_indices()])
+    engines = {mode: Engine(model, dataclasses.replace(cfg.engine, mode=mode), layout.device) for mode in modes}
+    engines[modes[0]].forward_backward(batch, loss_fn)
+    best: dict[str, tuple[float, int]] = {}
+    for _ in range(repeats):
+        for mode, engine in engines.items():
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            res = engine.forward_backward(batch, loss_fn)
+            seconds = time.perf_counter() - start
+            if mode not in best or seconds < best[mode][0]:
+                best[mode] = (seconds, res.plan.computed_tokens)
+    return best
+
+
+def demo(run_dir: str = "runs/demo") -> None:
+    """Train the default config (tiny model, synthetic multi-turn batch, CPU), show the loss going
+    down and the measured dta-vs-dense speed-up."""
+    wall = time.perf_counter()
+    # One CPU thread: on a shared or busy machine OpenMP threads spin-wait for descheduled peers,
+    # which slowed this demo tenfold in tests; one thread keeps it fast and its timings comparable.
+    torch.set_num_threads(1)
+    cfg = Config.from_yaml(None, [f"checkpoint.run_dir={run_dir}", "logging.progress=lines"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    m = cfg.model.model_config()
+    print(f"demo: {cfg.model.preset} model ({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}), "
+          f"'{cfg.data.workload}' workload, {cfg.train.steps} PPO steps", flush=True)
+    train(cfg)
+    metrics = read_metrics(Path(run_dir) / "metrics.jsonl")
+    print("\nloss by step (step 1 is on-policy; later steps are PPO updates on the same rollouts):")
+    for r in metrics:
+        print(f"  step {r['step']}: loss {r['loss']:+.6f}  clip_fraction {r['clip_fraction']:.3f}  "
+              f"approx_kl {r['approx_kl']:.2e}")
+    first, last = metrics[0]["loss"], metrics[-1]["loss"]
+    print(f"loss went {'down' if last < first else 'UP'}: {first:+.6f} -> {last:+.6f}")
+    times = time_modes(cfg)
+    (t_dta, n_dta), (t_dense, n_dense) = times["dta"], times["dense"]
+    print(f"\none forward+backward of the same {metrics[0]['total_tokens']}-token batch (best of 2, one thread):")
+    print(f"  dense: {n_dense:6d} tokens computed  {t_dense:7.2f} s")
+    print(f"  dta:   {n_dta:6d} tokens computed  {t_dta:7.2f} s")
+    print(f"  dta speed-up over dense: {t_dense / t_dta:.2f}x (sharing ratio {metrics[0]['sharing_ratio']:.2f})")
+    print(f"\nmetrics: {run_dir}/metrics.jsonl   checkpoint: {latest_complete(run_dir)}   "
+          f"demo wall time {time.perf_counter() - wall:.1f} s")

@@ -28,7 +28,14 @@ class LoggingConfig:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The step records of a metrics file; a last line cut short by a killed run is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return records
 
 
 class MetricsLog:

@@ -5,6 +5,8 @@ Used to compare modes, dtypes and parallel layouts with each other and with HF t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -17,12 +19,16 @@ from megatron_dta.rollouts import load_rollouts
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None):
-    """The dump dict on global rank 0, None elsewhere."""
-    layout = ParallelLayout.create(tp=tp)
+def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None, pp=1,
+              microbatches=1, activation_budget=1 << 20):
+    """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
+    DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
+    layout = ParallelLayout.create(tp=tp, pp=pp)
     if dp is not None and dp != layout.dp:
-        raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / tp {tp} = {layout.dp}")
-    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=DTYPES[dtype], device=layout.device)
+        raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) "
+                         f"= {layout.dp}")
+    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=DTYPES[dtype], device=layout.device,
+                                  stage=(layout.pp_rank, pp))
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
     if len(rollouts) < layout.dp:
         raise ValueError(f"{rollouts_path}: {len(rollouts)} rollouts cannot fill {layout.dp} data-parallel ranks")
@@ -30,11 +36,14 @@ def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=204
     loss_fn = PolicyLoss()
     local = [rollouts[i] for i in mine]
     denominator = all_reduce_scalar(loss_fn.local_denominator(local), layout.dp_group)
-    engine = Engine(model, EngineConfig(mode=mode, block_size=block_size), device=layout.device)
-    result = engine.forward_backward(local, loss_fn, denominator)
+    engine_cfg = EngineConfig(mode=mode, block_size=block_size, activation_budget_tokens=activation_budget)
+    if pp == 1:
+        result = Engine(model, engine_cfg, device=layout.device).forward_backward(local, loss_fn, denominator)
+    else:
+        result = _pipeline_step(model, engine_cfg, local, loss_fn, denominator, microbatches, layout)
     all_reduce_grads(model, layout.dp_group)
     loss = all_reduce_scalar(result.loss.item(), layout.dp_group)
-    grads = gather_hf(model, "grad", layout.tp_group)
+    grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
     # logprobs of every DP rank to global rank 0, in file order
     per_rank = [None] * layout.dp
     if layout.dp > 1:
@@ -46,3 +55,20 @@ def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=204
     logprobs = [torch.from_numpy(lp).double() for chunk in per_rank for lp in chunk]
     return {"logprobs": logprobs, "loss": torch.tensor(loss, dtype=torch.float64),
             "grads": {k: v.double().cpu() for k, v in grads.items()}, "dtype": dtype, "mode": mode}
+
+
+def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatches, layout):
+    """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dta.pipeline import forward_backward_pipelining_dfs
+
+    bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
+    parts = [rollouts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    results = forward_backward_pipelining_dfs(
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(parts), model=model,
+        num_microbatches=len(parts), engine_config=engine_cfg, device=layout.device)
+    box = [[(r.loss, r.logprobs) for r in results]]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=layout.pp_group)
+    losses, logprobs = zip(*box[0])
+    return SimpleNamespace(loss=sum(losses), logprobs=[lp for chunk in logprobs for lp in chunk])

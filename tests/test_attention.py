@@ -4,8 +4,7 @@ CPU: sdpa and cascade (outputs and q/k/v gradients) and flex (forward; torch's C
 backward) in float64 to 1e-12 absolute (values and gradients are O(1); float64 round-off here is
 ~1e-15, any real error is >= 1e-3). The te/flash varlen packing is checked on CPU by replaying
 its sequences through a per-sequence reference. GPU, float32 and bfloat16: each backend's error
-against the float64 reference is at most twice the error of torch sdpa in the test's precision,
-plus 4 float32 ulps at the reference's scale (see the GPU test for why 4).
+against the float64 reference is at most twice the error of torch sdpa in the test's precision.
 """
 
 from __future__ import annotations
@@ -302,8 +301,7 @@ def test_gpu_backend_error_within_twice_torch(backend, dtype, kind):
     ours = out_and_grads(fn, q, k, v, dout, spec_of(*GPU_CASES[kind]))
     for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, torch_, ref):
         err_ours, err_torch = (o.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
-        # float32 errors are a few ulps, and kernels sum dK/dV over query blocks in different orders:
-        # on an H200 flex's float32 dV (tree case) was 8.6 ulps of max|dV| against sdpa's 3.5, every
-        # other float32 and all bfloat16 checks within 2x. A mask or indexing error is O(1).
-        eps = 4 * torch.finfo(torch.float32).eps * r.abs().max().item()
-        assert err_ours <= 2 * err_torch + eps, f"{backend} {kind} {name}: {err_ours:.3e} vs torch {err_torch:.3e}"
+        # The issue's rule, no constant added. Known (docs/benchmarks.md): on an H200, flex and
+        # cascade float32 dV in the tree case was 8.6 ulps of max|dV| against sdpa's 3.5 (2.5x); every
+        # other float32 and all bfloat16 checks were within 2x. A mask or indexing error is O(1).
+        assert err_ours <= 2 * err_torch, f"{backend} {kind} {name}: {err_ours:.3e} vs torch {err_torch:.3e}"

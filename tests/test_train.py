@@ -64,11 +64,17 @@ def small_config(tmp_path: Path, name: str = "small.yaml", **changes) -> Path:
     return path
 
 
+def same_threads_env() -> dict:
+    """The environment for a subprocess that must repeat this process's float ops bit for bit
+    (CPU kernels split work by thread count)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def cli(*args, timeout=120, torchrun=False, check=True) -> subprocess.CompletedProcess:
     cmd = ([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_dta"] if torchrun
            else [PY, "-m", "megatron_dta"])
     proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False)
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else same_threads_env())
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -159,18 +165,18 @@ def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
     out = tmp_path / "run"
     cmd = [PY, "-m", "megatron_dta", "train", "--config", str(small_config(tmp_path)), f"checkpoint.run_dir={out}",
            "checkpoint.every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads_env())
+    deadline = time.monotonic() + 300  # generous: a busy 2-core machine slows the subprocess a lot
     try:
         while latest_complete(out) is None or step_of(latest_complete(out)) < 2:
             assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "no checkpoint of step 2 within the deadline"
             time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = step_of(latest_complete(out))
-    assert 2 <= killed_at < STEPS
+    assert 2 <= killed_at < STEPS, f"killed at step {killed_at}"
     cli("train", "--config", small_config(tmp_path), f"checkpoint.run_dir={out}", "--resume")
     assert exact(read_metrics(out / "metrics.jsonl")) == exact(read_metrics(run / "metrics.jsonl"))
     for name, t in final_weights(out).items():

@@ -34,6 +34,8 @@ def parse_args(argv=None):
     data.add_argument("--rollouts", help="rollout file (JSON Lines)")
     data.add_argument("--workload", default="demo", help="synthetic workload name (default: demo)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
+                    help="override a size of the synthetic workload, e.g. prompt_len=3072 (repeatable)")
     ap.add_argument("--modes", default="dense,sparse,dta", help="comma-separated: dense,sparse,dta,hf_dense,hf_sparse")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode after 1 warm-up step")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float64")
@@ -167,7 +169,13 @@ def main(argv=None) -> int:
         path = args.rollouts
         if path is None:
             path = f"{d}/workload.jsonl"
-            write_rollouts(path, make_workload(args.workload, model_config(args).vocab_size, args.seed))
+            overrides = {}
+            for kv in args.workload_arg:
+                key, _, value = kv.partition("=")
+                if not value.lstrip("-").isdigit():
+                    raise ValueError(f"--workload-arg {kv!r}: expected KEY=INTEGER")
+                overrides[key] = int(value)
+            write_rollouts(path, make_workload(args.workload, model_config(args).vocab_size, args.seed, **overrides))
         res = run_modes(args, path, modes)
         res["workload"] = args.rollouts or args.workload
         print_table(res)

@@ -54,7 +54,7 @@ class Executor:
 
     def _alloc_stacks(self, plan: Plan):
         m = self.model
-        n_layers, k_local, d = m.cfg.num_layers, m.cfg.num_kv_heads // m.tp, m.cfg.head_dim
+        n_layers, k_local, d = len(m.layers), m.cfg.num_kv_heads // m.tp, m.cfg.head_dim  # this stage's layers
         shape = (max(plan.max_path, 1), k_local, d)
         mk = lambda: [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(n_layers)]  # noqa: E731
         return mk(), mk(), mk(), mk()
@@ -186,6 +186,10 @@ class Executor:
                 grads += [dk, dv]
         if tensors:
             torch.autograd.backward(tensors, grads)
+        self._add_prefix_grads(unit, pk, pv)
+
+    def _add_prefix_grads(self, unit, pk, pv):
+        """The grads this unit left on its ancestors' K/V go into the gradient stack."""
         if pk is not None:
             _, _, gk, gv = self._stacks
             P = unit.prefix_len

@@ -64,6 +64,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("qwen2", 4096, 256, 704, 4, 4, 2, qkv_bias=True),
     "tiny-llama": ModelConfig("llama", 4096, 256, 704, 4, 4, 2),
     "tiny-qwen3": ModelConfig("qwen3", 4096, 256, 704, 4, 4, 2, qk_norm=True),
+    # long-context CPU benchmarks: attention-heavy
+    "tiny-h128": ModelConfig("qwen3", 4096, 128, 352, 2, 2, 1, qk_norm=True),
     "small": ModelConfig("qwen3", 8192, 512, 1408, 8, 8, 4, qk_norm=True),
     # GPU benchmark scale (>= 0.5B parameters), Qwen2.5-0.5B-like and Qwen3-1.7B-like shapes
     "0.5b": ModelConfig("qwen2", 151936, 896, 4864, 24, 14, 2, qkv_bias=True, tie_embeddings=True,

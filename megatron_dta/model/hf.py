@@ -73,11 +73,14 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return out
 
 
-def param_map(cfg: ModelConfig) -> list[tuple[str, list[str], int | None]]:
-    """(our parameter name, HF tensors concatenated in it, TP split dim or None if replicated)."""
-    rows = [("embed.weight", ["model.embed_tokens.weight"], 0)]
-    for i in range(cfg.num_layers):
-        hf, us = f"model.layers.{i}.", f"layers.{i}."
+def param_map(cfg: ModelConfig, stage: tuple[int, int] = (0, 1)) -> list[tuple[str, list[str], int | None]]:
+    """(our parameter name, HF tensors concatenated in it, TP split dim or None if replicated) of
+    pipeline stage ``stage=(pp_rank, pp_size)`` (see ``Transformer``)."""
+    pp_rank, pp = stage
+    first, last, n_local = pp_rank == 0, pp_rank == pp - 1, cfg.num_layers // pp
+    rows = [("embed.weight", ["model.embed_tokens.weight"], 0)] if first else []
+    for j in range(n_local):
+        hf, us = f"model.layers.{pp_rank * n_local + j}.", f"layers.{j}."
         attn = hf + "self_attn."
         rows += [
             (us + "input_norm.weight", [hf + "input_layernorm.weight"], None),
@@ -92,9 +95,12 @@ def param_map(cfg: ModelConfig) -> list[tuple[str, list[str], int | None]]:
         if cfg.qk_norm:
             rows += [(us + "q_norm.weight", [attn + "q_norm.weight"], None),
                      (us + "k_norm.weight", [attn + "k_norm.weight"], None)]
-    rows.append(("final_norm.weight", ["model.norm.weight"], None))
-    if not cfg.tie_embeddings:
-        rows.append(("lm_head.weight", ["lm_head.weight"], 0))
+    if last:
+        rows.append(("final_norm.weight", ["model.norm.weight"], None))
+        if not cfg.tie_embeddings:
+            rows.append(("lm_head.weight", ["lm_head.weight"], 0))
+        elif not first:  # the last stage's copy of the tied embedding
+            rows.append(("lm_head.weight", ["model.embed_tokens.weight"], 0))
     return rows
 
 
@@ -162,7 +168,7 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_hf_into(model, tensors: dict[str, torch.Tensor], tp_rank: int = 0, where: str = "checkpoint") -> None:
     cfg, tp = model.cfg, model.tp
     params = dict(model.named_parameters())
-    for ours, hf_names, dim in param_map(cfg):
+    for ours, hf_names, dim in param_map(cfg, model.stage):
         missing = [n for n in hf_names if n not in tensors]
         if missing:
             raise CheckpointError(f"{where}: tensor '{missing[0]}' is missing")
@@ -176,27 +182,33 @@ def load_hf_into(model, tensors: dict[str, torch.Tensor], tp_rank: int = 0, wher
         params[ours].copy_(local)
 
 
-def load_hf_checkpoint(path, tp: int = 1, tp_rank: int = 0, dtype=torch.float32, device="cpu"):
-    """Build a Transformer from a local HF directory (TP shard ``tp_rank`` of ``tp``)."""
+def load_hf_checkpoint(path, tp: int = 1, tp_rank: int = 0, dtype=torch.float32, device="cpu",
+                       stage: tuple[int, int] = (0, 1)):
+    """Build a Transformer from a local HF directory (TP shard ``tp_rank`` of ``tp``, pipeline
+    stage ``stage=(pp_rank, pp_size)``)."""
     from megatron_dta.model.transformer import Transformer
 
     hf_cfg, tensors = read_hf_dir(path)
     cfg = config_from_hf(hf_cfg, str(Path(path) / "config.json"))
-    model = Transformer(cfg, tp=tp, dtype=dtype, device=device)
+    model = Transformer(cfg, tp=tp, dtype=dtype, device=device, stage=stage)
     load_hf_into(model, tensors, tp_rank, str(path))
     return model, hf_cfg
 
 
-def gather_hf(model, which: str = "param", group=None) -> dict[str, torch.Tensor]:
+def gather_hf(model, which: str = "param", group=None, pp_group=None) -> dict[str, torch.Tensor]:
     """Full, unsharded HF-named tensors of the parameters (``param``) or their grads (``grad``).
 
-    Collective over the TP group: every TP rank must call it.
+    Collective over the TP group (and over ``pp_group`` when given: every stage's tensors then
+    reach every stage; a tied embedding's last-stage copy is left out, its grad having been summed
+    into the first stage's): every rank of those groups must call it.
     """
     cfg = model.cfg
     params = dict(model.named_parameters())
     tp = model.tp
     out = {}
-    for ours, hf_names, dim in param_map(cfg):
+    for ours, hf_names, dim in param_map(cfg, model.stage):
+        if ours == "lm_head.weight" and hf_names == ["model.embed_tokens.weight"]:
+            continue
         p = params[ours]
         t = p.detach() if which == "param" else (p.grad if p.grad is not None else torch.zeros_like(p))
         if tp > 1 and dim is not None:
@@ -209,6 +221,10 @@ def gather_hf(model, which: str = "param", group=None) -> dict[str, torch.Tensor
             if "embed_tokens" in name or name == "lm_head.weight":
                 tensor = tensor[: cfg.vocab_size]
             out[name] = tensor
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        stages = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(stages, out, group=pp_group)
+        out = {k: v for part in stages for k, v in part.items()}
     return out
 
 

@@ -114,9 +114,16 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Parameters are sharded over ``tp`` ranks of megatron's tensor-parallel group."""
+    """Parameters are sharded over ``tp`` ranks of megatron's tensor-parallel group.
 
-    def __init__(self, cfg: ModelConfig, tp: int = 1, dtype=torch.float32, device="cpu"):
+    ``stage=(pp_rank, pp_size)`` builds one pipeline stage: an even, contiguous slice of the layers
+    (``layers.i`` is global layer ``layer_offset + i``), the embedding on the first stage, the final
+    norm and LM head on the last. With tied embeddings and pp > 1 the last stage holds a copy of
+    the embedding as ``lm_head``; ``megatron_dta.pipeline`` sums the two grads after backward.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: int = 1, dtype=torch.float32, device="cpu",
+                 stage: tuple[int, int] = (0, 1)):
         super().__init__()
         from megatron.core import ModelParallelConfig
         from megatron.core import parallel_state as ps
@@ -125,8 +132,15 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
                 f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})")
+        pp_rank, pp = stage
+        if cfg.num_layers % pp:
+            raise ValueError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
+        self.stage, self.is_first, self.is_last = stage, pp_rank == 0, pp_rank == pp - 1
+        n_local = cfg.num_layers // pp
+        self.layer_offset = pp_rank * n_local
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = self.tp_group.rank()
         if self.tp_group.size() != tp:
             raise ValueError(f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks")
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
@@ -136,25 +150,33 @@ class Transformer(nn.Module):
         tpl = _mp()
         init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
         self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config,
-                                                 tp_group=self.tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(cfg.num_layers))
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = None if cfg.tie_embeddings else tpl.ColumnParallelLinear(
+                                                 tp_group=self.tp_group) if self.is_first else None
+        # the layer index a layer hands to kv.attend is local: each stage keeps K/V of its own layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(n_local))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device) if self.is_last else None
+        own_head = self.is_last and (not cfg.tie_embeddings or not self.is_first)
+        self.lm_head = tpl.ColumnParallelLinear(
             cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=init, bias=False, gather_output=False,
-            tp_group=self.tp_group)
+            tp_group=self.tp_group) if own_head else None
         self.to(device)
 
     @property
     def vocab_start(self) -> int:
-        return self.embed.vocab_start_index
+        return self.tp_rank * (self.padded_vocab // self.tp)  # megatron's even vocab split
 
-    def forward(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, kv: KVContext) -> torch.Tensor:
-        """Final-normed hidden states [T, H] of a flat row of tokens."""
-        x_TH = self.embed(input_ids_T)
+    def forward_stage(self, x: torch.Tensor, position_ids_T: torch.Tensor, kv: KVContext) -> torch.Tensor:
+        """This stage's output [T, H]: ``x`` is token ids [T] on the first stage, else the previous
+        stage's hidden [T, H]; the last stage returns final-normed hidden states."""
+        x_TH = self.embed(x) if self.is_first else x
         cos, sin = rotary_tables(position_ids_T, self.cfg.head_dim, self.cfg.rope_theta, x_TH.dtype)
         for layer in self.layers:
             x_TH = layer(x_TH, cos, sin, kv)
-        return self.final_norm(x_TH)
+        return self.final_norm(x_TH) if self.is_last else x_TH
+
+    def forward(self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, kv: KVContext) -> torch.Tensor:
+        """Final-normed hidden states [T, H] of a flat row of tokens (the whole model: one stage)."""
+        assert self.is_first and self.is_last, "a pipeline stage runs forward_stage"
+        return self.forward_stage(input_ids_T, position_ids_T, kv)
 
     def output_weight(self) -> torch.Tensor:
         """This rank's LM-head shard [V_local, H], padding rows past the real vocabulary removed."""

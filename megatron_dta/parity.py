@@ -5,6 +5,7 @@ Used to compare modes, dtypes and parallel layouts with each other and with HF t
 
 from __future__ import annotations
 
+from itertools import pairwise
 from types import SimpleNamespace
 
 import torch
@@ -64,7 +65,7 @@ def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatch
     from megatron_dta.pipeline import forward_backward_pipelining_dfs
 
     bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
-    parts = [rollouts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    parts = [rollouts[a:b] for a, b in pairwise(bounds) if b > a]
     results = forward_backward_pipelining_dfs(
         forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(parts), model=model,
         num_microbatches=len(parts), engine_config=engine_cfg, device=layout.device)

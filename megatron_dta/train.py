@@ -115,6 +115,7 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
 
     sums = dict.fromkeys(_SUMS, 0.0)
     optimizer.zero_grad()
+    compute_start = time.perf_counter()
     with optimizer.accumulate():
         for rollouts in micro:
             res = engine.forward_backward(rollouts, loss_fn, denominator)
@@ -124,6 +125,10 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
             sums["recomputed_tokens"] += res.recomputed_tokens
             for k, v in res.stats.items():
                 sums[k] += float(v)
+        # this rank's forward+backward time, before any collective that waits for the slowest rank
+        compute = time.perf_counter() - compute_start
+    compute_max = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MAX)
+    compute_min = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MIN)
     lr = lr_at(cfg.optimizer, step, cfg.train.steps)
     grad_norm = optimizer.step(lr)
 
@@ -152,6 +157,9 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
         "approx_kl": g["approx_kl"] / loss_tokens,
         "entropy": g["entropy"] / loss_tokens,
         "microbatches": plan.num_microbatches,
+        "rank_compute_seconds_max": compute_max,  # slowest vs fastest DP rank: the balancer's result
+        "rank_compute_seconds_min": compute_min,
+        "predicted_imbalance": plan.imbalance,
     }
 
 

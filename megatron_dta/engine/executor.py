@@ -180,13 +180,18 @@ class Executor:
         if loss is not None and loss.requires_grad:
             tensors.append(loss)
             grads.append(torch.ones_like(loss))
+        self._autograd(tensors, grads, ctx, dkv)
+        self._add_prefix_grads(unit, pk, pv)
+
+    @staticmethod
+    def _autograd(tensors, grads, ctx, dkv):
+        """One backward of ``tensors`` (with ``grads``) and the children's dK/dV on the unit's own K/V."""
         if dkv is not None:
             for layer, (dk, dv) in enumerate(zip(*dkv)):
                 tensors += [ctx.own_k[layer], ctx.own_v[layer]]
                 grads += [dk, dv]
         if tensors:
             torch.autograd.backward(tensors, grads)
-        self._add_prefix_grads(unit, pk, pv)
 
     def _add_prefix_grads(self, unit, pk, pv):
         """The grads this unit left on its ancestors' K/V go into the gradient stack."""

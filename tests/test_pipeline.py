@@ -1,0 +1,167 @@
+"""The DFS pipeline schedule (torchrun, gloo) equals the single-process step in float64:
+logprobs, loss and every gradient, through tools/dump_step.py --pp. Covers chunked nodes,
+several microbatches, recompute, tied embeddings split over stages, TP=2 x PP=2 and the forest
+shapes of the synthetic workloads; every run has a timeout that fails loudly on a deadlock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference import make_hf_model
+
+from megatron_dta.rollouts import make_rollout, write_rollouts
+from megatron_dta.synthetic import multi_turn, tree_search
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+VOCAB = 96
+TIMEOUT_S = 240  # a deadlocked pipeline hangs in recv: fail loudly instead of hanging the suite
+
+
+def forest(rng, trees=2):
+    """Trees with a shared prompt, branching turns and leaves of mixed lengths."""
+    out = []
+    for _ in range(trees):
+        prompt = rng.integers(0, VOCAB, 11).tolist()
+        for _ in range(2):
+            turn = prompt + rng.integers(0, VOCAB, 6).tolist()
+            out += [make_rollout(turn + rng.integers(0, VOCAB, 2 + 3 * j).tolist(), advantages=rng.normal())
+                    for j in range(2)]
+    out.append(make_rollout(rng.integers(0, VOCAB, 9).tolist(), advantages=1.0))  # a lone chain
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    for kind in ("qwen3", "qwen2"):  # qwen2: tied embeddings split over the first and last stage
+        make_hf_model(kind, seed=3, vocab=VOCAB, layers=4).save_pretrained(tmp / kind)
+    write_rollouts(tmp / "rollouts.jsonl", forest(np.random.default_rng(1)))
+    # the generator's deep search trees and multi-turn forests (shared system prompt, branch points)
+    shapes = (tree_search(vocab_size=VOCAB, seed=2, num_roots=2, depth=3, branching=3, segment_len=4, prompt_len=6)
+              + multi_turn(vocab_size=VOCAB, seed=2, num_tasks=2, trajectories_per_task=3, turns=3, system_len=8,
+                           task_len=4, turn_len=3, obs_len=4))
+    write_rollouts(tmp / "shapes.jsonl", shapes)
+    return tmp
+
+
+def dump(tmp, kind, name, *extra, nproc=1, rollouts="rollouts.jsonl"):
+    out = tmp / f"{kind}_{name}.pt"
+    if out.exists():  # the same reference serves several tests
+        return torch.load(out, weights_only=False)
+    cmd = [sys.executable] if nproc == 1 else [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc)]
+    cmd += [str(ROOT / "tools/dump_step.py"), "--hf-checkpoint", str(tmp / kind), "--rollouts",
+            str(tmp / rollouts), "--dtype", "float64", "--mode", "dta", "--out", str(out), *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s (pipeline deadlock?)\n{exc.stdout}\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return torch.load(out, weights_only=False)
+
+
+def assert_equal(a, b):
+    """Same order of float64 operations per unit; only the reduction order of summed grads
+    differs (tied embedding: two stages' sums), so round-off tolerances."""
+    assert len(a["logprobs"]) == len(b["logprobs"])
+    for x, y in zip(a["logprobs"], b["logprobs"]):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-12, atol=0)
+    assert set(a["grads"]) == set(b["grads"])
+    for name, g in b["grads"].items():
+        assert (a["grads"][name] - g).norm() <= 1e-10 * g.norm(), name
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_pp2_equals_pp1_with_chunked_nodes_and_microbatches(setup, kind):
+    ref = dump(setup, kind, "pp1", "--block-size", "4")
+    pp2 = dump(setup, kind, "pp2", "--block-size", "4", "--pp", "2", "--microbatches", "3", nproc=2)
+    assert_equal(pp2, ref)
+    assert all(g.abs().sum() > 0 for g in pp2["grads"].values())  # every stage's grads arrived
+    if kind == "qwen2":  # TP=2 x PP=2 on 4 processes, tied embedding's two halves on two stages
+        assert_equal(dump(setup, kind, "tp2pp2", "--block-size", "4", "--pp", "2", "--tp", "2", nproc=4), ref)
+
+
+def test_pp2_with_recompute_on_generator_forests(setup):
+    """Budget 0: every parent unit is recomputed from its saved input hidden on each stage."""
+    ref = dump(setup, "qwen3", "shapes_pp1", "--block-size", "5", rollouts="shapes.jsonl")
+    pp2 = dump(setup, "qwen3", "shapes_pp2", "--block-size", "5", "--pp", "2", "--microbatches", "2",
+               "--activation-budget", "0", nproc=2, rollouts="shapes.jsonl")
+    assert_equal(pp2, ref)
+
+
+SCHEDULE_API = """
+import sys, torch
+from megatron_dta.engine import EngineConfig
+from megatron_dta.losses import PolicyLoss
+from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
+from megatron_dta.parallel import ParallelLayout
+from megatron_dta.pipeline import forward_backward_pipelining_dfs
+from megatron_dta.rollouts import load_rollouts
+ckpt, rollouts_path, out = sys.argv[1:4]
+layout = ParallelLayout.create(pp=2)
+model, _ = load_hf_checkpoint(ckpt, dtype=torch.float64, stage=(layout.pp_rank, 2))
+rollouts = load_rollouts(rollouts_path)
+halves = [rollouts[:4], rollouts[4:]]
+loss = PolicyLoss()
+den = loss.local_denominator(rollouts)
+step = lambda it, _m: (next(it), loss, den)
+cfg = EngineConfig(block_size=4)
+res = forward_backward_pipelining_dfs(forward_step_func=step, data_iterator=iter(halves), model=model,
+                                      num_microbatches=2, engine_config=cfg, forward_only=True)
+assert all(p.grad is None for p in model.parameters())
+logprobs = [lp for r in res for lp in r.logprobs]
+for half in halves:  # gradient accumulation over two calls, as a train loop with two global batches
+    forward_backward_pipelining_dfs(forward_step_func=step, data_iterator=iter([half]), model=[model],
+                                    num_microbatches=1, engine_config=cfg)
+grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
+if model.is_last:
+    torch.save({"logprobs": logprobs, "grads": grads}, out)
+"""
+
+
+def test_schedule_api_forward_only_and_accumulation_equal_pp1(setup):
+    """Called directly: the logprob pass leaves no grads and gives the single-process logprobs;
+    two calls accumulate the grads of one (the tied embedding summed once per call)."""
+    ref = dump(setup, "qwen2", "pp1", "--block-size", "4")
+    (setup / "schedule_api.py").write_text(SCHEDULE_API)
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(setup / "schedule_api.py"), str(setup / "qwen2"),
+           str(setup / "rollouts.jsonl"), str(setup / "schedule_api.pt")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"pipeline schedule did not finish in {TIMEOUT_S}s (deadlock?)\n{exc.stdout}\n{exc.stderr}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = torch.load(setup / "schedule_api.pt", weights_only=False)
+    assert len(got["logprobs"]) == len(ref["logprobs"])
+    for x, y in zip(got["logprobs"], ref["logprobs"]):
+        np.testing.assert_allclose(x, y.numpy(), rtol=0, atol=1e-12)  # same float64 ops per unit
+    assert set(got["grads"]) == set(ref["grads"])
+    for name, g in ref["grads"].items():  # accumulation order differs: round-off
+        assert (got["grads"][name] - g).norm() <= 1e-10 * g.norm(), name
+
+
+def test_layers_must_split_evenly_over_stages():
+    from megatron_dta.model.config import ModelConfig
+    from megatron_dta.model.transformer import Transformer
+
+    with pytest.raises(ValueError, match="parallel.pp=3 must divide model.num_layers"):
+        Transformer(ModelConfig(num_layers=4), stage=(0, 3))
+
+
+def test_simulator_matches_1f1b_on_a_single_unit_and_bounds_memory_by_the_path():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_sim", ROOT / "tools/pipeline_sim.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    for p in (2, 4):  # one unit is one microbatch: 1F1B's (p-1)/(m+p-1) with m = 1
+        assert sim.simulate([(False, 5), (True, 5)], p) == ((p - 1) / p, 5)
+    # a root of 4 tokens with two leaves of 3: kept tokens peak at root + one leaf
+    events = [(False, 4), (False, 3), (True, 3), (False, 3), (True, 3), (True, 4)]
+    assert sim.simulate(events, 2)[1] == 7

@@ -108,9 +108,13 @@ def print_table(res: dict) -> None:
           f"{res['sharing_ratio']:.2f}, model {res['model']}, {res['dtype']}, {res.get('device', '?')}")
     print(f"{'mode':<10} {'s/step':>8} {'tokens/s':>10} {'vs dense':>9} {'/ R':>6} {'peak MiB':>9} {'step MiB':>9}")
     for m, r in modes.items():
-        speed = base["seconds_per_step"] / r["seconds_per_step"] if base else float("nan")
-        print(f"{m:<10} {r['seconds_per_step']:8.3f} {r['tokens_per_second']:10.0f} {speed:8.2f}x "
-              f"{speed / res['sharing_ratio']:6.2f} {r['peak_memory_bytes'] / 2**20:9.0f} {r['step_memory_bytes'] / 2**20:9.0f}")
+        if base:
+            speed = base["seconds_per_step"] / r["seconds_per_step"]
+            ratios = f"{speed:8.2f}x {speed / res['sharing_ratio']:6.2f}"
+        else:
+            ratios = f"{'-':>9} {'-':>6}"
+        print(f"{m:<10} {r['seconds_per_step']:8.3f} {r['tokens_per_second']:10.0f} {ratios} "
+              f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['step_memory_bytes'] / 2**20:9.0f}")
     if "dta" in modes and "sparse" in modes:
         print(f"dta vs sparse: {modes['sparse']['seconds_per_step'] / modes['dta']['seconds_per_step']:.2f}x tokens/s, "
               f"step memory {modes['dta']['step_memory_bytes'] / max(modes['sparse']['step_memory_bytes'], 1):.2f}x")

@@ -176,8 +176,8 @@ def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | 
     """DFS units over the forest.
 
     Long nodes become chains of chunks of at most ``block_size`` tokens (segments). A unit packs
-    sibling segments and then, breadth first, their descendants while it holds at most
-    ``pack_tokens`` (default ``block_size``) tokens; inside a unit the segments attend through a
+    sibling segments and then, breadth first, all children of a segment at a time while it holds
+    at most ``pack_tokens`` (default ``block_size``) tokens; inside a unit the segments attend through a
     tree mask, and children left outside become child units under their segment. Packing turns
     chains of short nodes and fans of short siblings into few model calls; the bound keeps a unit's
     activations (and so memory) independent of the tree's size.
@@ -213,14 +213,16 @@ def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | 
         queue = deque(group)
         while queue:
             seg = queue.popleft()
-            inside[seg], outside[seg] = [], []
-            for ch in seg_children(seg):
-                if used + ch[2] <= pack_tokens:
-                    used += ch[2]
-                    inside[seg].append(ch)
-                    queue.append(ch)
-                else:
-                    outside[seg].append(ch)
+            kids = seg_children(seg)
+            # all of a segment's children or none: a unit that keeps some children inside while
+            # the rest run as child units would hold its activations during all of them
+            size = sum(ch[2] for ch in kids)
+            if kids and used + size <= pack_tokens:
+                used += size
+                inside[seg], outside[seg] = kids, []
+                queue.extend(kids)
+            else:
+                inside[seg], outside[seg] = [], kids
         order, parent = [], []
         stack = [(seg, -1) for seg in reversed(group)]
         while stack:  # unit segments in DFS pre-order, so the tree mask is an interval test

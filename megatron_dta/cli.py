@@ -16,6 +16,7 @@ configuration: a YAML file of sections, each a mapping of keys; the defaults are
   model       preset | hf_checkpoint (local HF directory) | arch (ModelConfig fields over the preset)
   parallel    tp, pp (1), device (auto|cpu|cuda); data parallel = world size / tp
   data        rollouts (JSONL) | workload (+ workload_args), rollouts_per_step, microbatch_tokens,
+              cost_model (tools/calibrate.py output),
               fill_old_logprobs, seed
   loss        eps_clip_low/high, dual_clip, kl_coef, kl_estimator (k1|k3), entropy_coef,
               normalization (token_mean|sequence_mean|constant), constant_divisor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class DataConfig:
     microbatch_tokens: int | None = None  # max unique tokens of one microbatch on a rank; null: one
     fill_old_logprobs: bool = True
     seed: int = 0  # synthetic workload and sampling order
+    cost_model: str | None = None  # balancer cost model JSON from tools/calibrate.py; null: defaults
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):
@@ -41,6 +43,15 @@ class DataConfig:
             raise ValueError(f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}")
         if self.microbatch_tokens is not None and self.microbatch_tokens < 1:
             raise ValueError(f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}")
+        if self.cost_model is not None and not Path(self.cost_model).is_file():
+            raise ValueError(f"data.cost_model '{self.cost_model}' is not a file: write one with "
+                             "tools/calibrate.py --out FILE, or set data.cost_model to null")
+
+    def load_cost_model(self):
+        """The balancer's cost model: the calibrated file, or the defaults."""
+        from megatron_dta.balancer import CostModel
+
+        return CostModel.load(self.cost_model) if self.cost_model else CostModel()
 
 
 def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:

@@ -67,9 +67,9 @@ def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
     return model
 
 
-def local_microbatches(batch: list[Rollout], layout: ParallelLayout, microbatch_tokens: int | None):
+def local_microbatches(batch: list[Rollout], layout: ParallelLayout, data_cfg):
     """(the balance plan, indices into ``batch`` of this DP rank's microbatches, empty ones dropped)."""
-    plan = balance(batch, layout.dp, microbatch_tokens)
+    plan = balance(batch, layout.dp, data_cfg.microbatch_tokens, data_cfg.load_cost_model())
     return plan, [mb for mb in plan.for_rank(layout.dp_rank) if mb]
 
 
@@ -83,10 +83,10 @@ def gather_over_dp(value: dict, layout: ParallelLayout) -> dict:
 
 
 def forward_logprobs(engine: Engine, rollouts: list[Rollout], layout: ParallelLayout,
-                     microbatch_tokens: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                     data_cfg) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{index: (logprobs, entropy)} of every rollout, computed over the DP ranks, known to all."""
     out = {}
-    for mb in local_microbatches(rollouts, layout, microbatch_tokens)[1]:
+    for mb in local_microbatches(rollouts, layout, data_cfg)[1]:
         res = engine.logprobs([rollouts[i] for i in mb])
         out.update({i: (lp, ent) for i, lp, ent in zip(mb, res.logprobs, res.entropy)})
     return gather_over_dp(out, layout)
@@ -106,10 +106,10 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
     idx = data.next_indices()
     missing = data.missing_old_logprobs(idx)
     if missing:
-        filled = forward_logprobs(engine, [data.rollouts[i] for i in missing], layout, cfg.data.microbatch_tokens)
+        filled = forward_logprobs(engine, [data.rollouts[i] for i in missing], layout, cfg.data)
         data.fill({missing[k]: lp for k, (lp, _) in filled.items()})
     batch = loss_fn.prepare([data.rollouts[i] for i in idx])
-    plan, local = local_microbatches(batch, layout, cfg.data.microbatch_tokens)
+    plan, local = local_microbatches(batch, layout, cfg.data)
     micro = [[batch[i] for i in mb] for mb in local]
     denominator = all_reduce_scalar(loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group)
 
@@ -209,7 +209,7 @@ def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:
     model = build_model(cfg, layout)
     rollouts = load_rollouts(rollouts_path, model.cfg.vocab_size)
     engine = Engine(model, cfg.engine, layout.device)
-    values = forward_logprobs(engine, rollouts, layout, cfg.data.microbatch_tokens)
+    values = forward_logprobs(engine, rollouts, layout, cfg.data)
     if layout.is_main:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         write_rollouts(out_path, ({**r.to_json(), "logprobs": values[i][0].tolist(), "entropy": values[i][1].tolist()}

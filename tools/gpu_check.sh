@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (H100/H200, CUDA, no network), run from anywhere:
-#     OUT=/some/dir [WORKLOAD=long_multiturn] bash tools/gpu_check.sh
+#     OUT=/some/dir bash tools/gpu_check.sh          (carry wheels/: megatron-core's cp312 wheel)
 # 1. checks that python has a CUDA torch (it cannot be installed offline: without one, stop);
 # 2. installs the missing Python packages from wheels carried in wheels/ (pip --no-index);
 # 3. runs the GPU tests of tests/test_attention.py;
@@ -65,13 +65,12 @@ timeout 80 "$PY" tools/gpu_bench_attention.py --budget-s 45 --json "$OUT/bench_a
   > "$OUT/bench_attention_gpu.log" 2>&1
 echo "gpu_bench_attention exit $?"; grep -v "^W[0-9]" "$OUT/bench_attention_gpu.log" | tail -25
 
-if [ -f tools/benchmark.py ]; then
-  timeout 150 "$PY" tools/benchmark.py --model 0.5b --workload "${WORKLOAD:-long_multiturn}" --modes dense,sparse,dta --steps 3 \
-    --dtype bfloat16 --json "$OUT/bench_gpu.json" > "$OUT/benchmark.log" 2>&1
-  echo "benchmark exit $?"; tail -25 "$OUT/benchmark.log"
-else
-  echo "tools/benchmark.py is not there yet: engine benchmark skipped" | tee "$OUT/benchmark.log"
-fi
+# multi-turn trajectories trained turn by turn, paths of ~16.6K tokens (4K system prompt, 8 turns)
+timeout 150 "$PY" tools/benchmark.py --model 0.5b --workload multi_turn --workload-arg system_len=4096 \
+  --workload-arg num_tasks=2 --workload-arg trajectories_per_task=2 --workload-arg turns=8 \
+  --workload-arg turn_len=512 --workload-arg obs_len=1024 --modes dense,sparse,dta --steps 3 \
+  --dtype bfloat16 --json "$OUT/bench_gpu.json" > "$OUT/benchmark.log" 2>&1
+echo "benchmark exit $?"; tail -25 "$OUT/benchmark.log"
 
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 16")
 timeout "${CPU_TESTS_S:-40}" "$PY" -m pytest -q -p no:cacheprovider $xdist -k "not gpu_backend" tests/test_attention.py \

@@ -39,7 +39,7 @@ class Node:
 
 
 class _Build:
-    __slots__ = ("src", "start", "end", "parent", "children", "terminals")
+    __slots__ = ("children", "end", "parent", "src", "start", "terminals")
 
     def __init__(self, src: int, start: int, end: int, parent: _Build | None):
         self.src, self.start, self.end, self.parent = src, start, end, parent

@@ -29,7 +29,7 @@ def init_distributed(device: str = "cpu") -> None:
         return
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=10)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)

@@ -21,9 +21,9 @@ MODEL_KINDS = ("llama", "qwen2", "qwen3")
 def tiny_hf_config(kind: str, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, theta=10000.0):
     import transformers
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    common = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
     if kind == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "qwen2":  # q/k/v bias and tied embeddings
@@ -44,7 +44,7 @@ def make_hf_model(kind: str, seed: int = 0, dtype=torch.float64, **kw):
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise so they are tested
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias")):
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import MODEL_KINDS, float64_hf, hf_dense_step, hf_logprobs_of, make_hf_model, naive_logprobs
 
 from megatron_dta.attention import AttnSpec, sdpa_attention
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
 from megatron_dta.rollouts import make_rollout
-from reference import MODEL_KINDS, float64_hf, hf_dense_step, hf_logprobs_of, make_hf_model, naive_logprobs
 
 VOCAB = 96
 _CACHE: dict = {}

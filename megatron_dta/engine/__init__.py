@@ -19,7 +19,7 @@ from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
 
-__all__ = ["Engine", "EngineConfig", "StepResult", "MODES", "Plan"]
+__all__ = ["MODES", "Engine", "EngineConfig", "Plan", "StepResult"]
 
 
 @dataclass

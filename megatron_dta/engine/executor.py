@@ -56,7 +56,7 @@ class Executor:
         m = self.model
         n_layers, k_local, d = len(m.layers), m.cfg.num_kv_heads // m.tp, m.cfg.head_dim  # this stage's layers
         shape = (max(plan.max_path, 1), k_local, d)
-        mk = lambda: [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(n_layers)]  # noqa: E731
+        mk = lambda: [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(n_layers)]
         return mk(), mk(), mk(), mk()
 
     def run(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> StepOutput:

@@ -112,7 +112,7 @@ class _UnitBuilder:
                     add_pairs(np.array([last]), child.tokens[:1], np.array([node.end]), child.sequences)
             start += length
 
-        cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)
         input_ids = cat(ids)
         spec = AttnSpec(prefix_len, len(input_ids),
                         None if seg_in is None else torch.as_tensor(seg_in, dtype=torch.long),

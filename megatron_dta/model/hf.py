@@ -159,7 +159,7 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[k] = sf.get_tensor(k)
     return hf_cfg, tensors
 

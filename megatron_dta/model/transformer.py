@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         tpl = _mp()
         tp = tp_group.size()
-        init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
+        init = lambda w: nn.init.normal_(w, std=cfg.init_std)
         self.index = index
         self.n_local, self.k_local, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -148,7 +148,7 @@ class Transformer(nn.Module):
             tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=(str(device) == "cpu"),
             perform_initialization=True, gradient_accumulation_fusion=False)
         tpl = _mp()
-        init = lambda w: nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
+        init = lambda w: nn.init.normal_(w, std=cfg.init_std)
         self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config,
                                                  tp_group=self.tp_group) if self.is_first else None
         # the layer index a layer hands to kv.attend is local: each stage keeps K/V of its own layers

@@ -18,10 +18,8 @@ import torch
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.forest import PrefixForest
 from megatron_dta.losses import PolicyLoss
-from megatron_dta.model.config import ModelConfig
+from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
 from megatron_dta.rollouts import Rollout
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def current_rss_bytes() -> int:
@@ -110,7 +108,7 @@ def run_mode(mode: str, cfg: ModelConfig, rollouts: list[Rollout], steps: int, d
     from megatron_dta.parallel import ParallelLayout
 
     torch.manual_seed(0)
-    tdtype = DTYPES[dtype]
+    tdtype = TORCH_DTYPES[dtype]
     ParallelLayout.create(tp=1, device=device)
     if mode.startswith("hf_"):
         model, step = _hf_step_fn(cfg, tdtype, device, rollouts, packed=(mode == "hf_sparse"))

@@ -84,7 +84,8 @@ class ParallelConfig:
         if self.tp < 1:
             raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp != 1:
-            raise ValueError("parallel.pp must be 1: the DFS schedule runs whole models (no pipeline stages yet)")
+            raise ValueError("parallel.pp must be 1 for training: the DFS pipeline schedule (megatron_dta/pipeline.py) "
+                             "is not wired into the training loop yet; tools/dump_step.py --pp runs it")
         if self.device not in DEVICES:
             raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
 

@@ -13,11 +13,10 @@ import torch.distributed as dist
 
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.losses import PolicyLoss
+from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
 from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_scalar, shard_indices
 from megatron_dta.rollouts import load_rollouts
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None, pp=1,
@@ -28,7 +27,7 @@ def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=204
     if dp is not None and dp != layout.dp:
         raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) "
                          f"= {layout.dp}")
-    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=DTYPES[dtype], device=layout.device,
+    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=TORCH_DTYPES[dtype], device=layout.device,
                                   stage=(layout.pp_rank, pp))
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
     if len(rollouts) < layout.dp:

@@ -28,13 +28,13 @@ from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.metrics import MetricsLog, read_metrics
+from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
 from megatron_dta.optim import build_optimizer, lr_at
 from megatron_dta.parallel import ParallelLayout, all_reduce_scalar
 from megatron_dta.rollouts import Rollout, load_rollouts, write_rollouts
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # summed over DP ranks each step, in this order
 _SUMS = ("loss", "total_tokens", "computed_tokens", "recomputed_tokens", "tokens", "clipped", "approx_kl", "entropy")
 
@@ -49,7 +49,7 @@ def create_layout(cfg: Config) -> ParallelLayout:
 def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
     """From the HF checkpoint, or a seeded random init that does not depend on the TP degree (drawn
     on the full HF-shaped tensors, then sharded), so TP=2 starts from the same weights as TP=1."""
-    dtype = DTYPES[cfg.train.dtype]
+    dtype = TORCH_DTYPES[cfg.train.dtype]
     if cfg.model.hf_checkpoint is not None:
         model, _ = load_hf_checkpoint(cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device)
         return model

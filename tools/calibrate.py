@@ -29,16 +29,15 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_dta.balancer import CostModel
-    from megatron_dta.bench import DTYPES
     from megatron_dta.engine import Engine, EngineConfig
     from megatron_dta.forest import PrefixForest
-    from megatron_dta.model.config import preset
+    from megatron_dta.model.config import TORCH_DTYPES, preset
     from megatron_dta.model.transformer import Transformer
     from megatron_dta.parallel import ParallelLayout
     from megatron_dta.synthetic import make_workload
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
     ParallelLayout.create(device=device)
     cfg = preset(args.model)
     model = Transformer(cfg, dtype=dtype, device=device)

@@ -55,6 +55,8 @@ class Engine:
                                  self.cfg.activation_budget_tokens, device)
 
     def plan(self, rollouts: list[Rollout]) -> Plan:
+        if not rollouts:
+            raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
         seqs = [r.input_ids for r in rollouts]
         return build_plan(self.cfg.mode, seqs, seq_offsets_of([len(s) for s in seqs]),
                           self.cfg.block_size, self.cfg.max_tokens_per_microbatch, self.cfg.pack_tokens)

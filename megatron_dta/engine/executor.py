@@ -56,8 +56,14 @@ class Executor:
         m = self.model
         n_layers, k_local, d = len(m.layers), m.cfg.num_kv_heads // m.tp, m.cfg.head_dim  # this stage's layers
         shape = (max(plan.max_path, 1), k_local, d)
-        mk = lambda: [torch.zeros(shape, dtype=m.dtype, device=self.device) for _ in range(n_layers)]
-        return mk(), mk(), mk(), mk()
+        # gradients of a prefix shared by k children are sums of k terms: accumulate them in at
+        # least float32 (bf16 would round k times where dense rounds once)
+        gdtype = torch.promote_types(m.dtype, torch.float32)
+
+        def mk(dtype):
+            return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+
+        return mk(m.dtype), mk(m.dtype), mk(gdtype), mk(gdtype)
 
     def run(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> StepOutput:
         """Forward (+ backward unless ``forward_only``) of every unit; grads accumulate in params."""
@@ -140,6 +146,7 @@ class Executor:
                 if kids:
                     self._push(ctx, unit, s)
                     yield from kids
+            unit.spec.cache.clear()
             return
 
         keep = not unit.has_children or self._kept + unit.num_tokens <= self.budget
@@ -182,14 +189,16 @@ class Executor:
             grads.append(torch.ones_like(loss))
         self._autograd(tensors, grads, ctx, dkv)
         self._add_prefix_grads(unit, pk, pv)
+        unit.spec.cache.clear()  # the unit is done: drop its prepared masks
 
     @staticmethod
     def _autograd(tensors, grads, ctx, dkv):
         """One backward of ``tensors`` (with ``grads``) and the children's dK/dV on the unit's own K/V."""
         if dkv is not None:
             for layer, (dk, dv) in enumerate(zip(*dkv)):
-                tensors += [ctx.own_k[layer], ctx.own_v[layer]]
-                grads += [dk, dv]
+                k, v = ctx.own_k[layer], ctx.own_v[layer]
+                tensors += [k, v]
+                grads += [dk.to(k.dtype), dv.to(v.dtype)]
         if tensors:
             torch.autograd.backward(tensors, grads)
 

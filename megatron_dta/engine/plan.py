@@ -234,13 +234,9 @@ def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | 
         for i in range(len(order) - 1, -1, -1):
             if parent[i] >= 0:
                 seg_out[parent[i]] = max(seg_out[parent[i]], seg_out[i])
-        chains = []
-        for i in range(len(order)):
-            chain, j = [], i
-            while j >= 0:
-                chain.append(j)
-                j = parent[j]
-            chains.append(chain[::-1])
+        chains: list[list[int]] = []  # parents precede children in pre-order
+        for i, par in enumerate(parent):
+            chains.append((chains[par] if par >= 0 else []) + [i])
         lengths = [seg[2] for seg in order]
         tok_seg = np.repeat(np.arange(len(order)), lengths)
         multi = len(order) > 1

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
 
 
 @dataclass

@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dta.model.config import ModelConfig
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -68,8 +66,6 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
         "max_position_embeddings": 32768, "dtype": dtype, "attention_bias": cfg.qkv_bias,
     }
-    if cfg.model_type == "llama":
-        out["attention_bias"] = cfg.qkv_bias
     return out
 
 
@@ -236,7 +232,7 @@ def save_hf_checkpoint(tensors: dict[str, torch.Tensor], hf_cfg: dict, out_dir, 
 
     out_dir = Path(out_dir)
     dtype = dtype or hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
-    tdtype = _DTYPES.get(dtype, torch.float32)
+    tdtype = TORCH_DTYPES.get(dtype, torch.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     try:

@@ -4,9 +4,10 @@ The logits of a chunk of tokens are computed, reduced to (logprob of the target,
 dropped; backward recomputes them chunk by chunk. So memory is O(chunk x vocab/tp), never
 [tokens, vocab]. Across tensor-parallel ranks the vocabulary is split in contiguous ranges (as
 megatron's VocabParallelEmbedding splits it); the max, the sum of exponentials, the expectation of
-the logits and the target logit are all-reduced. Logits are upcast to at least float32 (float64
-stays float64, so the float64 path is exact to round-off). When all of a call's logits take at
-most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed (small CPU batches).
+the logits and the target logit are all-reduced. Logits are computed in the model dtype (as HF does) and the
+softmax statistics in at least float32 (float64 stays float64, so the float64 path is exact to
+round-off); the weight gradient accumulates over chunks in at least float32. On CPU, when all of a
+call's logits take at most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         local_t = targets_T - vocab_start
         owned = (local_t >= 0) & (local_t < V)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
-        keep = T * V * torch.finfo(cdtype).bits // 8 <= KEEP_LOGITS_BYTES
+        keep = hidden_TH.device.type == "cpu" and T * V * torch.finfo(cdtype).bits // 8 <= KEEP_LOGITS_BYTES
         kept = []
         for a in range(0, T, chunk):
             b = min(T, a + chunk)
@@ -76,8 +77,10 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[a:b] = dz_cV @ weight_VH
             if ctx.needs_input_grad[1]:
-                g = dz_cV.t() @ hidden_TH[a:b]
+                g = (dz_cV.t() @ hidden_TH[a:b]).to(cdtype)
                 grad_w = g if grad_w is None else grad_w.add_(g)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight_VH.dtype)
         return grad_h, grad_w, None, None, None, None
 
 

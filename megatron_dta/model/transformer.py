@@ -144,6 +144,9 @@ class Transformer(nn.Module):
         if self.tp_group.size() != tp:
             raise ValueError(f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks")
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
+        if (tp - 1) * (self.padded_vocab // tp) >= cfg.vocab_size:
+            raise ValueError(f"parallel.tp={tp} leaves a tensor-parallel rank without any of the "
+                             f"{cfg.vocab_size} vocabulary rows: use a smaller tp")
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=(str(device) == "cpu"),
             perform_initialization=True, gradient_accumulation_fusion=False)

@@ -68,8 +68,9 @@ class Executor:
     def run(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> StepOutput:
         """Forward (+ backward unless ``forward_only``) of every unit; grads accumulate in params."""
         n_flat = len(table["mask"])
-        out = StepOutput(torch.zeros((), dtype=torch.float64), torch.zeros(n_flat, dtype=torch.float64),
-                         torch.zeros(n_flat, dtype=torch.float64))
+        # results accumulate on the device and come to the host once, at the end (no sync per unit)
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
+        out = StepOutput(zeros(), zeros(n_flat), zeros(n_flat))
         self._table = {k: v.to(self.device) for k, v in table.items()}
         self._loss_fn, self._out, self._forward_only = loss_fn, out, forward_only
         self._kept = 0
@@ -83,6 +84,8 @@ class Executor:
                 else:
                     todo.append(self._visit(child))
         self._stacks = None
+        out.loss, out.logprobs, out.entropy = out.loss.cpu(), out.logprobs.cpu(), out.entropy.cpu()
+        out.stats = {k: float(v) for k, v in out.stats.items()}
         return out
 
     # ---- one unit ---------------------------------------------------------------------------
@@ -111,15 +114,15 @@ class Executor:
         lp_P, ent_P = self.model.logprobs(hidden_TH[unit.pair_hidden.to(dev)], unit.pair_target.to(dev))
         ep, ef = unit.elem_pair.to(dev), unit.elem_flat.to(dev)
         lp_E, ent_E = lp_P[ep], ent_P[ep]
-        self._out.logprobs[ef.cpu()] = lp_E.detach().double().cpu()
-        self._out.entropy[ef.cpu()] = ent_E.detach().double().cpu()
+        self._out.logprobs[ef] = lp_E.detach().double()
+        self._out.entropy[ef] = ent_E.detach().double()
         if self._forward_only or self._loss_fn is None:
             return None
         g = {k: v[ef] for k, v in self._table.items()}
         loss, stats = self._loss_fn.terms(lp_E, ent_E if self._loss_fn.needs_entropy else None, g)
-        self._out.loss += loss.detach().double().cpu()
+        self._out.loss += loss.detach().double()
         for k, v in stats.items():
-            self._out.stats[k] = self._out.stats.get(k, 0.0) + float(v)
+            self._out.stats[k] = self._out.stats.get(k, 0.0) + v.double()
         return loss
 
     def _push(self, ctx: ChunkKV, unit: Unit, seg: int):

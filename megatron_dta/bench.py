@@ -8,7 +8,6 @@ the packed forest with a 4D ancestor mask): the baselines users run today.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 
@@ -18,17 +17,9 @@ import torch
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.forest import PrefixForest
 from megatron_dta.losses import PolicyLoss
+from megatron_dta.metrics import current_rss_bytes, peak_memory_bytes
 from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
 from megatron_dta.rollouts import Rollout
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class MemoryMeter:
@@ -45,7 +36,7 @@ class MemoryMeter:
         return current_rss_bytes()
 
     def peak(self) -> int:
-        return torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
+        return peak_memory_bytes("cuda" if self.cuda else "cpu")
 
 
 def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed: bool):

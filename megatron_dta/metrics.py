@@ -8,11 +8,31 @@ the file reads as if the run had never stopped.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 PROGRESS = ("auto", "bar", "lines", "none")
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now. A process's peak cannot serve as a baseline: a child inherits its
+    parent's peak across fork+exec."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak allocated bytes on a GPU, peak resident memory of the process on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return peak_rss_bytes()
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from megatron_dta.config import Config
 from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine
 from megatron_dta.losses import PolicyLoss
-from megatron_dta.metrics import MetricsLog, read_metrics
+from megatron_dta.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
@@ -90,12 +89,6 @@ def forward_logprobs(engine: Engine, rollouts: list[Rollout], layout: ParallelLa
         res = engine.logprobs([rollouts[i] for i in mb])
         out.update({i: (lp, ent) for i, lp, ent in zip(mb, res.logprobs, res.entropy)})
     return gather_over_dp(out, layout)
-
-
-def peak_memory_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
 
 
 def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, loss_fn: PolicyLoss,

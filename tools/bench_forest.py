@@ -11,7 +11,6 @@ not a test: nothing here asserts a time.
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,18 +18,9 @@ import time
 from pathlib import Path
 
 from megatron_dta.forest import PrefixForest
+from megatron_dta.metrics import current_rss_bytes, peak_rss_bytes
 from megatron_dta.rollouts import load_rollouts, write_rollouts
 from megatron_dta.synthetic import make_workload
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now. The peak cannot serve as the baseline: a child inherits its parent's
-    peak across fork+exec."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def bench_build(tokens: int, vocab_size: int, repeats: int = 3) -> None:

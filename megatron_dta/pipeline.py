@@ -67,46 +67,34 @@ class StageExecutor(Executor):
         dist.irecv(buf_TH, src).wait()
         return buf_TH
 
-    def _forward(self, unit: Unit, grad: bool, with_loss: bool, saved: ChunkKV | None = None):
-        """As ``Executor._forward``; ``saved`` (the first, no-grad pass of a recomputed unit)
-        supplies hidden_in instead of the previous stage."""
-        m, dev = self.model, self.device
-        pk, pv = self._prefix_leaves(unit, grad)
-        ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children)
+    @property
+    def _has_loss(self) -> bool:
+        return self.model.is_last
+
+    def _run_model(self, unit: Unit, ctx: ChunkKV, saved: ChunkKV | None):
+        """This stage's layers on hidden_in from the previous stage (or, for a recomputed unit, the
+        hidden_in its first pass kept); hidden_out goes to the next stage on the first pass only."""
+        m = self.model
         if m.is_first:
-            x_in = None
+            x_in, x = None, unit.input_ids.to(self.device)
         else:
             x_in = saved.x_in if saved is not None else self._recv(unit, self.prev)
-        loss = None
-        with torch.set_grad_enabled(grad):
-            x = unit.input_ids.to(dev) if x_in is None else x_in.detach().requires_grad_(grad)
-            out_TH = m.forward_stage(x, unit.position_ids.to(dev), ctx)
-            if m.is_last and with_loss and len(unit.pair_target):
-                loss = self._unit_loss(unit, out_TH)
+            x = x_in.detach().requires_grad_(torch.is_grad_enabled())
+        out_TH = m.forward_stage(x, unit.position_ids.to(self.device), ctx)
         ctx.x_in, ctx.out = (None if x_in is None else x), out_TH
         if saved is None and not m.is_last:
             self._send(out_TH, self.next)
-        return ctx, loss, pk, pv
+        return out_TH
 
-    def _backward(self, unit, kept, ctx, loss, pk, pv, dkv):
-        m = self.model
-        if not kept:
-            ctx, loss, pk, pv = self._forward(unit, grad=True, with_loss=True, saved=ctx)
-            self._out.recomputed_tokens += unit.num_tokens
-        else:
-            self._kept -= unit.num_tokens
-        tensors, grads = [], []
-        if not m.is_last:
-            tensors.append(ctx.out)
-            grads.append(self._recv(unit, self.next))
-        elif loss is not None and loss.requires_grad:
-            tensors.append(loss)
-            grads.append(torch.ones_like(loss))
-        self._autograd(tensors, grads, ctx, dkv)
-        if not m.is_first:  # a unit without loss or children still owes the previous stage a grad
+    def _backward_roots(self, unit: Unit, ctx: ChunkKV, loss):
+        if self.model.is_last:
+            return super()._backward_roots(unit, ctx, loss)
+        return [ctx.out], [self._recv(unit, self.next)]
+
+    def _after_backward(self, unit: Unit, ctx: ChunkKV) -> None:
+        if not self.model.is_first:  # a unit without loss or children still owes the previous stage a grad
             g = ctx.x_in.grad
             self._send(torch.zeros_like(ctx.x_in) if g is None else g, self.prev)
-        self._add_prefix_grads(unit, pk, pv)
 
 
 def _tied_weight(model):

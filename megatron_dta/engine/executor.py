@@ -98,16 +98,32 @@ class Executor:
         pv = [v[:P].detach().requires_grad_(grad) for v in vst]
         return pk, pv
 
-    def _forward(self, unit: Unit, grad: bool, with_loss: bool):
+    def _forward(self, unit: Unit, grad: bool, with_loss: bool, saved: ChunkKV | None = None):
+        """``saved``: the context of the unit's first, no-grad pass when it is recomputed."""
         pk, pv = self._prefix_leaves(unit, grad)
         ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children)
-        dev = self.device
+        loss = None
         with torch.set_grad_enabled(grad):
-            hidden_TH = self.model(unit.input_ids.to(dev), unit.position_ids.to(dev), ctx)
-            loss = None
-            if with_loss and len(unit.pair_target):
+            hidden_TH = self._run_model(unit, ctx, saved)
+            if with_loss and self._has_loss and len(unit.pair_target):
                 loss = self._unit_loss(unit, hidden_TH)
         return ctx, loss, pk, pv
+
+    # hooks a pipeline stage overrides (megatron_dta/pipeline.py)
+    _has_loss = True  # this executor's model ends in the LM head
+
+    def _run_model(self, unit: Unit, ctx: ChunkKV, saved: ChunkKV | None):
+        dev = self.device
+        return self.model(unit.input_ids.to(dev), unit.position_ids.to(dev), ctx)
+
+    def _backward_roots(self, unit: Unit, ctx: ChunkKV, loss):
+        """(tensors, grads) the unit's backward starts from, besides its own K/V."""
+        if loss is not None and loss.requires_grad:
+            return [loss], [torch.ones_like(loss)]
+        return [], []
+
+    def _after_backward(self, unit: Unit, ctx: ChunkKV) -> None:
+        pass
 
     def _unit_loss(self, unit: Unit, hidden_TH):
         dev = self.device
@@ -182,15 +198,13 @@ class Executor:
 
     def _backward(self, unit, kept, ctx, loss, pk, pv, dkv):
         if not kept:
-            ctx, loss, pk, pv = self._forward(unit, grad=True, with_loss=True)
+            ctx, loss, pk, pv = self._forward(unit, grad=True, with_loss=True, saved=ctx)
             self._out.recomputed_tokens += unit.num_tokens
         else:
             self._kept -= unit.num_tokens
-        tensors, grads = [], []
-        if loss is not None and loss.requires_grad:
-            tensors.append(loss)
-            grads.append(torch.ones_like(loss))
+        tensors, grads = self._backward_roots(unit, ctx, loss)
         self._autograd(tensors, grads, ctx, dkv)
+        self._after_backward(unit, ctx)
         self._add_prefix_grads(unit, pk, pv)
         unit.spec.cache.clear()  # the unit is done: drop its prepared masks
 

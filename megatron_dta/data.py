@@ -12,6 +12,7 @@ run sees exactly the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,15 @@ class DataConfig:
                              "tools/calibrate.py --out FILE, or set data.cost_model to null")
 
     def load_cost_model(self):
-        """The balancer's cost model: the calibrated file, or the defaults."""
-        from megatron_dta.balancer import CostModel
+        """The balancer's cost model: the calibrated file (read once per process), or the defaults."""
+        return _cost_model(self.cost_model)
 
-        return CostModel.load(self.cost_model) if self.cost_model else CostModel()
+
+@functools.lru_cache(maxsize=4)
+def _cost_model(path: str | None):
+    from megatron_dta.balancer import CostModel
+
+    return CostModel.load(path) if path else CostModel()
 
 
 def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:

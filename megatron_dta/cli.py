@@ -83,10 +83,9 @@ def main(argv=None) -> int:
     from megatron_dta.parallel import shutdown
 
     with user_errors():
-        try:
-            return _run(args)
-        finally:
-            shutdown()
+        rc = _run(args)
+    shutdown()  # on success only: it waits for every rank, which a failed rank must not do
+    return rc
 
 
 def _run(args) -> int:

@@ -104,8 +104,12 @@ class ParallelLayout:
 
 
 def shutdown() -> None:
+    """Tear down the process groups in step on every rank: a rank that exits while gloo still
+    serves another one's collective aborts ("terminate called without an active exception")."""
     from megatron.core import parallel_state as ps
 
+    if dist.is_initialized():
+        dist.barrier()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

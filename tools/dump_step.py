@@ -74,6 +74,7 @@ def main(argv=None) -> int:
         ap.error("--hf-checkpoint and --rollouts are required unless --assert-equal-to is given")
 
     from megatron_dta.cli_util import user_errors
+    from megatron_dta.parallel import shutdown
     from megatron_dta.parity import dump_step
 
     with user_errors():
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
         if dump is not None:
             torch.save(dump, args.out)
             print(f"wrote {args.out}: {len(dump['logprobs'])} rollouts, loss {dump['loss'].item():.12g}")
+    shutdown()
     return 0
 
 

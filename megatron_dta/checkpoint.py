@@ -95,7 +95,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        tensors = gather_hf(model, "param", self.layout.tp_group)
+        tensors = gather_hf(model, "param", self.layout.tp_group, self.layout.pp_group)
         if main:
             save_hf_checkpoint(tensors, config_to_hf(model.cfg, self.dtype), tmp / "model")
             torch.save({"step": step, **state}, tmp / "state.pt")

@@ -77,15 +77,17 @@ class ParallelConfig:
     """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * pp))."""
 
     tp: int = 1
-    pp: int = 1
+    pp: int = 1  # pipeline stages (DFS pipeline schedule); must divide model.num_layers
+    microbatches_in_flight: int | None = None  # pp > 1: per stage; null: pp (as in 1F1B's warm-up)
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
 
     def __post_init__(self):
         if self.tp < 1:
             raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
-        if self.pp != 1:
-            raise ValueError("parallel.pp must be 1 for training: the DFS pipeline schedule (megatron_dta/pipeline.py) "
-                             "is not wired into the training loop yet; tools/dump_step.py --pp runs it")
+        if self.pp < 1:
+            raise ValueError(f"parallel.pp must be >= 1, got {self.pp}")
+        if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
+            raise ValueError(f"parallel.microbatches_in_flight must be >= 1 or null (pp), got {self.microbatches_in_flight}")
         if self.device not in DEVICES:
             raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
 
@@ -119,6 +121,9 @@ class Config:
         if self.optimizer.backend == "deepspeed" and self.train.dtype == "float64":
             raise ValueError("optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
                              "would not be float64: use optimizer.backend=torch or train.dtype=float32")
+        if self.parallel.pp > 1 and self.optimizer.backend != "torch":
+            raise ValueError(f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
+                             f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1")
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ValueError("optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU")
 

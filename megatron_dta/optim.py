@@ -11,7 +11,8 @@ passes, then ``step(lr) -> grad_norm``, ``save(dir)``/``load(dir)``):
 - ``megatron``: megatron-core DistributedDataParallel + distributed optimizer (CUDA only).
 The loss is already normalized by the global denominator, so gradients are *summed* over DP ranks.
 Invariant of the norm: a TP-sharded parameter counts once per TP rank (its shards are disjoint), a
-replicated one (norms) counts once in all, and DP replicas are not counted again.
+replicated one (norms) counts once in all, and DP replicas are not counted again; pipeline stages
+add their own layers, and a tied embedding split over the first and last stage counts once.
 """
 
 from __future__ import annotations
@@ -76,16 +77,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> float:
-    """L2 norm of the full model's gradient (see the module invariant), in float64."""
+    """L2 norm of the full model's gradient (see the module invariant), in float64. ``params`` are
+    this stage's, without the last stage's copy of a tied embedding (its grad is the first stage's)."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     sq = torch.zeros((), dtype=torch.float64, device=layout.device)
     for p in params:
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
             sq += p.grad.detach().double().pow(2).sum()
-    if layout.tp > 1:
-        dist.all_reduce(sq, group=layout.tp_group)
+    for group, size in ((layout.tp_group, layout.tp), (layout.pp_group, layout.pp)):
+        if size > 1:
+            dist.all_reduce(sq, group=group)
     return math.sqrt(sq.item())
+
+
+def norm_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters the global norm counts: all but a pipeline's last-stage copy of a tied embedding."""
+    copy = model.lm_head.weight if model.cfg.tie_embeddings and model.is_last and not model.is_first else None
+    return [p for p in model.parameters() if p.requires_grad and p is not copy]
 
 
 def _adamw(groups: list[dict], cfg: OptimizerConfig, device: str) -> torch.optim.Optimizer:
@@ -120,7 +129,7 @@ class TorchOptimizer:
 
     def step(self, lr: float) -> float:
         all_reduce_grads(self.model, self.layout.dp_group)
-        norm = global_grad_norm(self.params, self.layout)
+        norm = global_grad_norm(norm_params(self.model), self.layout)
         scale = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if self.cfg.grad_clip is not None else 1.0
         for p in self.params:
             if p.grad is None:
@@ -142,16 +151,19 @@ class TorchOptimizer:
         for p in self.params:
             p.grad = None
 
+    def _file(self, directory: Path) -> Path:
+        layout = self.layout
+        return directory / f"torch_tp{layout.tp_rank}{f'_pp{layout.pp_rank}' if layout.pp > 1 else ''}.pt"
+
     def save(self, directory: Path) -> None:
-        """Optimizer states are the same on every DP rank: DP rank 0 of each TP rank writes them."""
+        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP) rank writes them."""
         if self.layout.dp_rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             torch.save({"optimizer": self.opt.state_dict(), "master": list(self.master.values())},
-                       directory / f"torch_tp{self.layout.tp_rank}.pt")
+                       self._file(directory))
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / f"torch_tp{self.layout.tp_rank}.pt", map_location=self.layout.device,
-                           weights_only=False)
+        state = torch.load(self._file(directory), map_location=self.layout.device, weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for m, saved in zip(self.master.values(), state["master"]):

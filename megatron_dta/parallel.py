@@ -44,9 +44,11 @@ class ParallelLayout:
     pp: int = 1
     dp: int = 1
     device: str = "cpu"
+    microbatches_in_flight: int | None = None  # per pipeline stage (None: pp)
 
     @classmethod
-    def create(cls, tp: int = 1, pp: int = 1, device: str | None = None) -> ParallelLayout:
+    def create(cls, tp: int = 1, pp: int = 1, device: str | None = None,
+               microbatches_in_flight: int | None = None) -> ParallelLayout:
         """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
         from megatron.core import parallel_state as ps
 
@@ -61,7 +63,7 @@ class ParallelLayout:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        return cls(tp=tp, pp=pp, dp=world // (tp * pp), device=device)
+        return cls(tp=tp, pp=pp, dp=world // (tp * pp), device=device, microbatches_in_flight=microbatches_in_flight)
 
     # groups and ranks, read from megatron's parallel_state so that its layers agree with us
     @property
@@ -114,6 +116,17 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_last_stage(obj, layout: ParallelLayout):
+    """``obj`` as the last pipeline stage has it, on every stage (pipeline results live there)."""
+    if layout.pp == 1:
+        return obj
+    from megatron.core import parallel_state as ps
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=layout.pp_group)
+    return box[0]
 
 
 def all_reduce_grads(model: torch.nn.Module, group) -> None:

@@ -15,15 +15,21 @@ from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
-from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_scalar, shard_indices
+from megatron_dta.parallel import (
+    ParallelLayout,
+    all_reduce_grads,
+    all_reduce_scalar,
+    broadcast_from_last_stage,
+    shard_indices,
+)
 from megatron_dta.rollouts import load_rollouts
 
 
 def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None, pp=1,
-              microbatches=1, activation_budget=1 << 20):
+              microbatches=1, activation_budget=1 << 20, microbatches_in_flight=None):
     """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
     DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
-    layout = ParallelLayout.create(tp=tp, pp=pp)
+    layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight)
     if dp is not None and dp != layout.dp:
         raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) "
                          f"= {layout.dp}")
@@ -59,16 +65,14 @@ def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=204
 
 def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatches, layout):
     """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage."""
-    from megatron.core import parallel_state as ps
-
     from megatron_dta.pipeline import forward_backward_pipelining_dfs
 
     bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
     parts = [rollouts[a:b] for a, b in pairwise(bounds) if b > a]
     results = forward_backward_pipelining_dfs(
         forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(parts), model=model,
-        num_microbatches=len(parts), engine_config=engine_cfg, device=layout.device)
-    box = [[(r.loss, r.logprobs) for r in results]]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=layout.pp_group)
-    losses, logprobs = zip(*box[0])
+        num_microbatches=len(parts), engine_config=engine_cfg, device=layout.device,
+        microbatches_in_flight=layout.microbatches_in_flight)
+    box = broadcast_from_last_stage([(r.loss, r.logprobs) for r in results], layout)
+    losses, logprobs = zip(*box)
     return SimpleNamespace(loss=sum(losses), logprobs=[lp for chunk in logprobs for lp in chunk])

@@ -12,16 +12,26 @@ K/V stacks and K/V gradient stacks of its own layers; only hidden states cross s
                                    backward with the children's dK/dV of its own layers,
                                    isend d hidden_in to s-1
 
-Invariant (deadlock freedom): on every stage the point-to-point operations are issued in one
-order, the DFS order of (forward u, backward u) events, so the k-th message each way between two
-neighbouring stages is the same unit's on both ends. A unit that is not kept saves its received
-hidden_in and is recomputed from it for its backward, without communication.
+Several microbatches are in flight (``microbatches_in_flight``, default the number of stages, as
+in 1F1B's warm-up): each has its own DFS run (K/V stacks, kept activations), and every stage
+interleaves the runs' events. The interleaving is a static schedule (``dfs_schedule``): a list
+scheduling of all stages' events, costed by tokens, that every rank computes identically from the
+microbatches' plans. Each stage executes its own events in that order; while stage 0 waits for a
+leaf's gradient to come back up the pipeline it runs another microbatch's forward, so the bubble
+shrinks with the number of microbatches as in Megatron's schedules, and memory is bounded by the
+paths in flight (per run: its kept path and its stacks), not by whole trees.
 
-Microbatches run one after another (no microbatch interleaving yet): within one, stages overlap
-along the DFS (stage s+1 works on unit u while stage s moves on to u's first child).
+Invariant (deadlock freedom): a stage receives a neighbour's messages in the neighbour's send
+order (every backend matches point-to-point messages between two ranks in issue order) and
+hands them to its events by key. Every message an event waits for was sent by an event committed
+earlier in the simulated schedule, and each stage executes its events in commit order; so the
+earliest blocked event would wait on a completed one, and none blocks forever. A unit that is not
+kept saves its received hidden_in and is recomputed from it for its backward, without communication.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,6 +39,74 @@ import torch.distributed as dist
 from megatron_dta.engine import Engine, EngineConfig, StepResult
 from megatron_dta.engine.executor import ChunkKV, Executor
 from megatron_dta.engine.plan import Unit
+
+
+@dataclass
+class Schedule:
+    """Per stage, the order of its events as (microbatch, event index), and the simulated timeline."""
+
+    orders: list[list[tuple[int, int]]]
+    makespan: float  # simulated, in cost units
+    busy: float  # sum of event costs over all stages
+    peak_kept_tokens: list[int]  # per stage: max tokens whose forward ran and backward has not
+    peak_in_flight: list[int]  # per stage: max microbatches started and not finished
+
+    @property
+    def bubble(self) -> float:
+        return 1.0 - self.busy / (len(self.orders) * self.makespan) if self.makespan else 0.0
+
+
+def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: int) -> Schedule:
+    """List-schedule the events of every microbatch on ``stages`` stages.
+
+    ``events[j]`` are microbatch j's (is_backward, tokens) in DFS order (``Plan.events``); a forward
+    costs its tokens, a backward twice that. Event i of microbatch j on stage s follows event i-1 of
+    j on s, and the same event on s-1 (forward) or s+1 (backward). Stage s starts microbatches in
+    order, at most ``in_flight`` at a time. Each commit takes the stage whose next event can start
+    earliest; a stage prefers, at equal start, a backward (it frees memory, as in 1F1B), then the
+    older microbatch. Deterministic: every rank computes the same schedule.
+    """
+    m, p = len(events), stages
+    done = [[[None] * len(ev) for ev in events] for _ in range(p)]  # finish time per stage, event
+    nxt = [[0] * m for _ in range(p)]
+    active = [[] for _ in range(p)]  # microbatches started and not finished, per stage
+    started = [0] * p
+    free = [0.0] * p
+    orders = [[] for _ in range(p)]
+    kept, peak_kept, peak_flight = [0] * p, [0] * p, [0] * p
+    busy = 0.0
+    for _ in range(p * sum(len(ev) for ev in events)):
+        best = None
+        for s in range(p):
+            cands = active[s] + ([started[s]] if started[s] < m and len(active[s]) < in_flight else [])
+            for j in cands:
+                i = nxt[s][j]
+                backward, _ = events[j][i]
+                t, nb = free[s], s + 1 if backward else s - 1
+                if 0 <= nb < p:
+                    if done[nb][j][i] is None:
+                        continue
+                    t = max(t, done[nb][j][i])
+                key = (t, s, not backward, j)
+                if best is None or key < best[0]:  # earliest start, then stage, backward, older
+                    best = (key, s, j, i)
+        assert best is not None, "schedule stalled: no event can start"
+        (t, *_), s, j, i = best
+        backward, tokens = events[j][i]
+        cost = (2.0 if backward else 1.0) * tokens
+        done[s][j][i] = free[s] = t + cost
+        busy += cost
+        orders[s].append((j, i))
+        if i == 0:
+            active[s].append(j)
+            started[s] += 1
+            peak_flight[s] = max(peak_flight[s], len(active[s]))
+        nxt[s][j] = i + 1
+        if i + 1 == len(events[j]):
+            active[s].remove(j)
+        kept[s] += -tokens if backward else tokens
+        peak_kept[s] = max(peak_kept[s], kept[s])
+    return Schedule(orders, max(free) if events else 0.0, busy, peak_kept, peak_flight)
 
 
 def _ranks():
@@ -40,22 +118,53 @@ def _ranks():
             None if last else ps.get_pipeline_model_parallel_next_rank())
 
 
+class _Inbox:
+    """Messages from one neighbour, received in the neighbour's send order and handed to events by
+    key; receives are posted only as far ahead as the event being served needs."""
+
+    def __init__(self, src: int, keys: list, shape_of, dtype, device):
+        self.src, self.keys, self.shape_of, self.dtype, self.device = src, keys, shape_of, dtype, device
+        self.pos, self.posted = 0, {}
+
+    def get(self, key) -> torch.Tensor:
+        while key not in self.posted:
+            k = self.keys[self.pos]
+            self.pos += 1
+            buf = torch.empty(self.shape_of(k), dtype=self.dtype, device=self.device)
+            self.posted[k] = (buf, dist.irecv(buf, self.src))
+        buf, work = self.posted.pop(key)
+        work.wait()
+        return buf
+
+
 class StageExecutor(Executor):
     """The DTA executor on one pipeline stage: the traversal is inherited unchanged; the unit's
-    forward and backward exchange hidden states with the neighbouring stages."""
+    forward and backward exchange hidden states with the neighbouring stages. ``key`` is the
+    (microbatch, event) being executed; ``connect`` sets up the inboxes for a schedule."""
 
     def __init__(self, model, attention, activation_budget_tokens: int = 1 << 20, device="cpu"):
         super().__init__(model, attention, activation_budget_tokens, device)
         self.prev, self.next = _ranks()
         self._sends: list = []
+        self._inbox: dict = {}
+        self.key = None
 
-    def run(self, plan, table, loss_fn=None, forward_only=False):
-        try:
-            return super().run(plan, table, loss_fn, forward_only)
-        finally:  # hidden states were sent from tensors nobody reuses; wait so they can be freed
-            for work in self._sends:
-                work.wait()
-            self._sends = []
+    def connect(self, schedule: Schedule, events: list[list[tuple[Unit, bool]]]) -> None:
+        """Inboxes for the neighbours' messages: forwards from the previous stage (its F events,
+        in its order), gradients from the next stage (its B events, in its order)."""
+        s = self.model.stage[0]
+        hidden = self.model.cfg.hidden_size
+        shape_of = lambda key: (events[key[0]][key[1]][0].num_tokens, hidden)
+        for src, order, backward in ((self.prev, s - 1, False), (self.next, s + 1, True)):
+            if src is not None:
+                keys = [(j, i) for j, i in schedule.orders[order] if events[j][i][1] == backward]
+                self._inbox[src] = _Inbox(src, keys, shape_of, self.model.dtype, self.device)
+
+    def flush(self) -> None:
+        """Wait for every send (their tensors are then free) and drop the inboxes."""
+        for work in self._sends:
+            work.wait()
+        self._sends, self._inbox = [], {}
 
     def _send(self, t: torch.Tensor, dst: int) -> None:
         # drop finished sends so that sent hidden states are freed along the DFS, not per microbatch
@@ -63,8 +172,8 @@ class StageExecutor(Executor):
         self._sends.append(dist.isend(t.detach().contiguous(), dst))
 
     def _recv(self, unit: Unit, src: int) -> torch.Tensor:
-        buf_TH = torch.empty((unit.num_tokens, self.model.cfg.hidden_size), dtype=self.model.dtype, device=self.device)
-        dist.irecv(buf_TH, src).wait()
+        buf_TH = self._inbox[src].get(self.key)
+        assert buf_TH.shape[0] == unit.num_tokens, "message does not belong to this unit"
         return buf_TH
 
     @property
@@ -125,30 +234,45 @@ def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, 
                                     seq_length=None, micro_batch_size=None, decoder_seq_length=None,
                                     forward_only: bool = False, collect_non_loss_data: bool = False,
                                     first_val_step=None, engine_config: EngineConfig | None = None,
-                                    device: str = "cpu") -> list[StepResult]:
+                                    device: str = "cpu", microbatches_in_flight: int | None = None) -> list[StepResult]:
     """Megatron's schedule signature over DFS units (``seq_length``, ``micro_batch_size``,
     ``decoder_seq_length``, ``collect_non_loss_data``, ``first_val_step`` are accepted for
     drop-in compatibility and ignored: units carry their own shapes).
 
     ``forward_step_func(data_iterator, model) -> (rollouts, loss, denominator)`` yields one
     microbatch (a list of rollouts: a tree or subtree), its ``PolicyLoss`` and the global loss
-    normalizer. Gradients accumulate in ``model``'s parameters (tied embeddings summed across the
-    first and last stage). Returns one ``StepResult`` per microbatch; logprobs, loss and stats are
-    filled on the last stage only (zeros elsewhere), as in Megatron.
+    normalizer; it is called ``num_microbatches`` times up front, since the schedule is computed
+    from all the microbatches' plans. ``microbatches_in_flight`` (default: the number of stages)
+    bounds the microbatches a stage has started and not finished. Gradients accumulate in
+    ``model``'s parameters (tied embeddings summed across the first and last stage). Returns one
+    ``StepResult`` per microbatch; logprobs, loss and stats are filled on the last stage only
+    (zeros elsewhere), as in Megatron.
     """
     stage_model = model[0] if isinstance(model, (list, tuple)) else model
+    stage, stages = stage_model.stage
     engine = Engine(stage_model, engine_config or EngineConfig(), device)
-    ex = engine.executor
-    engine.executor = StageExecutor(stage_model, ex.attention, ex.budget, device)
+    ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, device)
+    engine.executor = ex
     tied = _tied_weight(stage_model)
     before = None if tied is None or tied.grad is None else tied.grad.clone()
-    results = []
-    for _ in range(num_microbatches):
-        rollouts, loss, denominator = forward_step_func(data_iterator, stage_model)
-        if forward_only:
-            results.append(engine.logprobs(rollouts))
-        else:
-            results.append(engine.forward_backward(rollouts, loss, denominator))
+
+    runs = [engine.start(*forward_step_func(data_iterator, stage_model), forward_only=forward_only)
+            for _ in range(num_microbatches)]
+    events = [run.plan.events(forward_only) for run in runs]
+    schedule = dfs_schedule([[(b, u.num_tokens) for u, b in ev] for ev in events], stages,
+                            microbatches_in_flight or stages)
+    ex.connect(schedule, events)
+    results: list = [None] * num_microbatches
+    try:
+        for j, i in schedule.orders[stage]:
+            ex.key = (j, i)
+            unit, backward = next(runs[j].events)
+            assert unit is events[j][i][0] and backward == events[j][i][1], "executor left the schedule"
+            if i + 1 == len(events[j]):
+                next(runs[j].events, None)  # the run's trailing work: frees its stacks
+                results[j] = engine.finish(runs[j])
+    finally:
+        ex.flush()
     if not forward_only:
         sync_tied_embedding_grads(stage_model, before)
     return results

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,15 @@ from megatron_dta.balancer import balance
 from megatron_dta.checkpoint import COMPLETE, Checkpointer, complete_checkpoints, latest_complete, step_dir
 from megatron_dta.config import Config
 from megatron_dta.data import TrainData
-from megatron_dta.engine import Engine
+from megatron_dta.engine import Engine, StepResult
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
 from megatron_dta.optim import build_optimizer, lr_at
-from megatron_dta.parallel import ParallelLayout, all_reduce_scalar
+from megatron_dta.parallel import ParallelLayout, all_reduce_scalar, broadcast_from_last_stage
+from megatron_dta.pipeline import forward_backward_pipelining_dfs
 from megatron_dta.rollouts import Rollout, load_rollouts, write_rollouts
 
 # summed over DP ranks each step, in this order
@@ -42,26 +44,32 @@ def create_layout(cfg: Config) -> ParallelLayout:
     device = cfg.parallel.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ParallelLayout.create(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device)
+    return ParallelLayout.create(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device,
+                                 microbatches_in_flight=cfg.parallel.microbatches_in_flight)
 
 
 def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
-    """From the HF checkpoint, or a seeded random init that does not depend on the TP degree (drawn
-    on the full HF-shaped tensors, then sharded), so TP=2 starts from the same weights as TP=1."""
+    """This rank's TP shard of its pipeline stage, from the HF checkpoint or a seeded random init
+    that depends on neither TP nor PP (each full HF-shaped tensor drawn from a generator seeded by
+    its name, then sharded), so TP=2 or PP=2 starts from the same weights as one process."""
     dtype = TORCH_DTYPES[cfg.train.dtype]
+    stage = (layout.pp_rank, layout.pp)
     if cfg.model.hf_checkpoint is not None:
-        model, _ = load_hf_checkpoint(cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device)
+        model, _ = load_hf_checkpoint(cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device, stage)
         return model
-    model = Transformer(cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device, stage=stage)
+    shapes = {name: t.shape for name, t in gather_hf(model, "param", layout.tp_group).items()}
+    if model.cfg.tie_embeddings and model.is_last and not model.is_first:  # the last stage's copy
+        shapes["model.embed_tokens.weight"] = (model.cfg.vocab_size, model.cfg.hidden_size)
     full = {}
-    for name, t in sorted(gather_hf(model, "param", layout.tp_group).items()):
+    for name, shape in shapes.items():
         if name.endswith("norm.weight"):
-            full[name] = torch.ones_like(t)
+            full[name] = torch.ones(shape, dtype=dtype)
         elif name.endswith(".bias"):
-            full[name] = torch.zeros_like(t)
+            full[name] = torch.zeros(shape, dtype=dtype)
         else:
-            full[name] = torch.randn(t.shape, generator=gen, dtype=torch.float64).mul_(model.cfg.init_std).to(dtype)
+            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
+            full[name] = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(model.cfg.init_std).to(dtype)
     load_hf_into(model, full, layout.tp_rank, "initialisation")
     return model
 
@@ -81,14 +89,27 @@ def gather_over_dp(value: dict, layout: ParallelLayout) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def run_microbatches(engine: Engine, layout: ParallelLayout, micro: list[list[Rollout]], loss_fn=None,
+                     denominator: float | None = None, forward_only: bool = False) -> list[StepResult]:
+    """The engine over this rank's microbatches (gradients accumulate): one after another, or through
+    the DFS pipeline schedule when pp > 1, whose results are filled on the last stage only."""
+    if layout.pp == 1:
+        if forward_only:
+            return [engine.logprobs(rollouts) for rollouts in micro]
+        return [engine.forward_backward(rollouts, loss_fn, denominator) for rollouts in micro]
+    return forward_backward_pipelining_dfs(
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(micro),
+        model=engine.model, num_microbatches=len(micro), forward_only=forward_only, engine_config=engine.cfg,
+        device=layout.device, microbatches_in_flight=layout.microbatches_in_flight)
+
+
 def forward_logprobs(engine: Engine, rollouts: list[Rollout], layout: ParallelLayout,
                      data_cfg) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{index: (logprobs, entropy)} of every rollout, computed over the DP ranks, known to all."""
-    out = {}
-    for mb in local_microbatches(rollouts, layout, data_cfg)[1]:
-        res = engine.logprobs([rollouts[i] for i in mb])
-        out.update({i: (lp, ent) for i, lp, ent in zip(mb, res.logprobs, res.entropy)})
-    return gather_over_dp(out, layout)
+    local = local_microbatches(rollouts, layout, data_cfg)[1]
+    results = run_microbatches(engine, layout, [[rollouts[i] for i in mb] for mb in local], forward_only=True)
+    out = {i: (lp, ent) for mb, res in zip(local, results) for i, lp, ent in zip(mb, res.logprobs, res.entropy)}
+    return gather_over_dp(broadcast_from_last_stage(out, layout), layout)
 
 
 def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, loss_fn: PolicyLoss,
@@ -110,24 +131,26 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
     optimizer.zero_grad()
     compute_start = time.perf_counter()
     with optimizer.accumulate():
-        for rollouts in micro:
-            res = engine.forward_backward(rollouts, loss_fn, denominator)
+        results = run_microbatches(engine, layout, micro, loss_fn, denominator)
+        # this rank's forward+backward time, before any collective that waits for the slowest rank
+        compute = time.perf_counter() - compute_start
+    if engine.model.is_last:  # with pp > 1 the other stages' results are empty; the sums skip them
+        for rollouts, res in zip(micro, results):
             sums["loss"] += res.loss.item()
             sums["total_tokens"] += sum(len(r) for r in rollouts)
             sums["computed_tokens"] += res.plan.computed_tokens
             sums["recomputed_tokens"] += res.recomputed_tokens
             for k, v in res.stats.items():
                 sums[k] += float(v)
-        # this rank's forward+backward time, before any collective that waits for the slowest rank
-        compute = time.perf_counter() - compute_start
     compute_max = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MAX)
     compute_min = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MIN)
     lr = lr_at(cfg.optimizer, step, cfg.train.steps)
     grad_norm = optimizer.step(lr)
 
     totals = torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64)
-    if layout.dp > 1:
-        dist.all_reduce(totals, group=layout.dp_group)
+    for group, size in ((layout.dp_group, layout.dp), (layout.pp_group, layout.pp)):
+        if size > 1:
+            dist.all_reduce(totals, group=group)
     g = dict(zip(_SUMS, totals.tolist()))
     peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
     seconds = time.perf_counter() - start

@@ -14,6 +14,7 @@ import pytest
 import torch
 from reference import make_hf_model
 
+from megatron_dta.pipeline import dfs_schedule
 from megatron_dta.rollouts import make_rollout, write_rollouts
 from megatron_dta.synthetic import multi_turn, tree_search
 
@@ -88,10 +89,11 @@ def test_pp2_equals_pp1_with_chunked_nodes_and_microbatches(setup, kind):
 
 
 def test_pp2_with_recompute_on_generator_forests(setup):
-    """Budget 0: every parent unit is recomputed from its saved input hidden on each stage."""
+    """Budget 0: every parent unit is recomputed from its saved input hidden on each stage; all
+    three microbatches in flight at once, their events interleaved on both stages."""
     ref = dump(setup, "qwen3", "shapes_pp1", "--block-size", "5", rollouts="shapes.jsonl")
-    pp2 = dump(setup, "qwen3", "shapes_pp2", "--block-size", "5", "--pp", "2", "--microbatches", "2",
-               "--activation-budget", "0", nproc=2, rollouts="shapes.jsonl")
+    pp2 = dump(setup, "qwen3", "shapes_pp2", "--block-size", "5", "--pp", "2", "--microbatches", "3",
+               "--microbatches-in-flight", "3", "--activation-budget", "0", nproc=2, rollouts="shapes.jsonl")
     assert_equal(pp2, ref)
 
 
@@ -154,14 +156,70 @@ def test_layers_must_split_evenly_over_stages():
         Transformer(ModelConfig(num_layers=4), stage=(0, 3))
 
 
-def test_simulator_matches_1f1b_on_a_single_unit_and_bounds_memory_by_the_path():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pipeline_sim", ROOT / "tools/pipeline_sim.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
-    for p in (2, 4):  # one unit is one microbatch: 1F1B's (p-1)/(m+p-1) with m = 1
-        assert sim.simulate([(False, 5), (True, 5)], p) == ((p - 1) / p, 5)
+def test_schedule_equals_1f1b_on_single_unit_microbatches():
+    """Microbatches of one unit each are 1F1B's setting: the list schedule reaches its bubble
+    (p-1)/(m+p-1) exactly (forward t, backward 2t), with at most p microbatches in flight."""
+    for p in (2, 4):
+        for m in (1, 2, 4, 8):
+            sched = dfs_schedule([[(False, 5), (True, 5)]] * m, p, p)
+            assert sched.bubble == pytest.approx((p - 1) / (m + p - 1), abs=1e-12), (p, m)
+            assert max(sched.peak_in_flight) == min(p, m)
     # a root of 4 tokens with two leaves of 3: kept tokens peak at root + one leaf
     events = [(False, 4), (False, 3), (True, 3), (False, 3), (True, 3), (True, 4)]
-    assert sim.simulate(events, 2)[1] == 7
+    assert dfs_schedule([events], 2, 2).peak_kept_tokens == [7, 7]
+
+
+def replay(orders, events, in_flight):
+    """Execute the per-stage orders as message-passing processes with buffered receives: a forward
+    waits for the same event on the previous stage, a backward for the next stage's. Round-robin
+    until nothing can move; returns how many events ran. Also checks each order's shape."""
+    p = len(orders)
+    for order in orders:
+        assert sorted(order) == sorted((j, i) for j, ev in enumerate(events) for i in range(len(ev)))
+        flight, seen = set(), {}
+        for j, i in order:  # each microbatch in its own order; microbatches started in order
+            assert seen.get(j, -1) == i - 1 and (i or j == 0 or (j - 1) in seen)
+            seen[j] = i
+            flight.add(j)
+            assert len(flight) <= in_flight
+            if i + 1 == len(events[j]):
+                flight.remove(j)
+    ran = [set() for _ in range(p)]
+    pos, moved = [0] * p, True
+    while moved:
+        moved = False
+        for s in range(p):
+            while pos[s] < len(orders[s]):
+                j, i = orders[s][pos[s]]
+                nb = s + 1 if events[j][i][0] else s - 1
+                if 0 <= nb < p and (j, i) not in ran[nb]:
+                    break
+                ran[s].add((j, i))
+                pos[s] += 1
+                moved = True
+    return sum(pos)
+
+
+@pytest.mark.parametrize("workload", ["tree_search", "multi_turn", "mixed", "fanout"])
+def test_schedule_is_deadlock_free_interleaved_and_bounded_by_paths_in_flight(workload):
+    from megatron_dta.engine.plan import build_plan, seq_offsets_of
+    from megatron_dta.synthetic import make_workload
+
+    rollouts = make_workload(workload, vocab_size=1000, seed=0)
+    trees: dict = {}
+    for r in rollouts:
+        trees.setdefault(r.group, []).append(r)
+    plans = [build_plan("dta", [r.input_ids for r in t], seq_offsets_of([len(r) for r in t]), 256)
+             for t in trees.values()]
+    events = [[(b, u.num_tokens) for u, b in plan.events()] for plan in plans]
+    path_peak = max(dfs_schedule([ev], 1, 1).peak_kept_tokens[0] for ev in events)  # one DFS alone
+    for p in (2, 3, 4):
+        for k in (1, 2, p):
+            sched = dfs_schedule(events, p, k)
+            assert replay(sched.orders, events, k) == p * sum(map(len, events)), (p, k)  # no deadlock
+            assert max(sched.peak_in_flight) <= k
+            assert max(sched.peak_kept_tokens) <= k * path_peak  # memory: paths in flight, not trees
+        if len(events) > 1:
+            one, several = dfs_schedule(events, p, 1), dfs_schedule(events, p, p)
+            assert sorted(several.orders[0]) != several.orders[0] or p == 1  # stage 0 interleaves microbatches
+            assert several.bubble < one.bubble

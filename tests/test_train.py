@@ -122,17 +122,19 @@ def test_same_seed_same_metrics(reference, tmp_path):
         assert torch.equal(t, final_weights(run)[name]), name
 
 
-@pytest.mark.parametrize("parallel", ["dp2", "tp2"])
+@pytest.mark.parametrize("parallel", ["dp2", "tp2", "pp2"])
 def test_two_processes_equal_one(reference, tmp_path, parallel):
     """DP=2: each rank trains on its share of the same global batch, loss normalized by the
     all-reduced token count, gradients summed. TP=2: every layer split over two ranks (the grad
-    norm counts replicated norms once). Tolerance 1e-9 relative: float64 runs that differ only in
+    norm counts replicated norms once). PP=2: one layer per stage, the step's microbatches through
+    the DFS pipeline schedule with two in flight (metrics from the last stage, the grad norm summed
+    over stages, the checkpoint gathered from both). Tolerance 1e-9 relative: float64 runs that differ only in
     summation order (per-rank partial sums; under torchrun one thread per process) differ by
     ~1e-15 per step, and six Adam steps amplify that by orders of magnitude at most; a wrong
     normalization, a double-counted norm or a missed gradient shows up at 1e-3 or more."""
     _, run = reference
     out = tmp_path / "run"
-    extra = ["parallel.tp=2"] if parallel == "tp2" else []
+    extra = {"dp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}[parallel]
     cli("train", "--config", small_config(tmp_path), f"checkpoint.run_dir={out}", *extra, torchrun=True, timeout=180)
     ours, ref = read_metrics(out / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert len(ours) == len(ref) == STEPS
@@ -141,6 +143,27 @@ def test_two_processes_equal_one(reference, tmp_path, parallel):
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
     ref_w = final_weights(run)
     for name, t in final_weights(out).items():
+        assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
+
+
+def test_pp2_with_tied_embeddings_equals_one_process(tmp_path):
+    """Tied embeddings split over the first and last stage: their grads are summed across stages
+    and counted once in the clipping norm, so both copies take the same updates and the run (and
+    its checkpoint, which holds the embedding once) equals the single-process one."""
+    config = small_config(tmp_path)
+    tied = ["model.arch.tie_embeddings=true", "data.rollouts_per_step=12", "train.steps=2"]
+    ref = train(Config.from_yaml(config, [f"checkpoint.run_dir={tmp_path / 'ref'}", *tied]))
+    cli("train", "--config", config, f"checkpoint.run_dir={tmp_path / 'pp2'}", "parallel.pp=2", *tied,
+        torchrun=True, timeout=180)
+    ours = read_metrics(tmp_path / "pp2" / "metrics.jsonl")
+    assert len(ours) == len(ref) == 2
+    for a, b in zip(ours, ref):
+        for key in EXACT_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)  # as above
+    ref_w = read_hf_dir(step_dir(tmp_path / "ref", 2) / "model")[1]
+    got_w = read_hf_dir(step_dir(tmp_path / "pp2", 2) / "model")[1]
+    assert set(got_w) == set(ref_w) and "lm_head.weight" not in got_w
+    for name, t in got_w.items():
         assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
 
 
@@ -261,7 +284,8 @@ def test_config_errors_name_the_source_the_key_and_the_fix(tmp_path):
         (["data.workload=nope"], "data.workload 'nope' is unknown; choose one of"),
         (["data.workload=null"], "set exactly one of data.rollouts"),
         (["train.dtype=float64", "optimizer.backend=deepspeed"], "use optimizer.backend=torch or train.dtype=float32"),
-        (["parallel.pp=2"], "parallel.pp must be 1"),
+        (["parallel.pp=0"], "parallel.pp must be >= 1"),
+        (["parallel.pp=2", "optimizer.backend=deepspeed", "train.dtype=float32"], "parallel.pp=2 needs optimizer.backend=torch"),
         (["lr=1"], "must look like section.key=value"),
     ]
     for overrides, message in cases:

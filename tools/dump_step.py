@@ -2,6 +2,7 @@
 
     python tools/dump_step.py --hf-checkpoint DIR --rollouts FILE.jsonl --mode {dense,sparse,dta}
         --dtype {float32,float64} --out OUT.pt [--block-size N] [--tp N] [--pp N] [--dp N]
+        [--microbatches M] [--microbatches-in-flight K] [--activation-budget TOKENS]
     torchrun --nproc-per-node 2 tools/dump_step.py ... --tp 2
     torchrun --nproc-per-node 2 tools/dump_step.py ... --pp 2 [--microbatches M]
     python tools/dump_step.py --assert-equal-to OTHER.pt --out OUT.pt   (compare two dumps)
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (DFS pipeline schedule)")
     ap.add_argument("--microbatches", type=int, default=1, help="pp > 1: microbatches per rank")
+    ap.add_argument("--microbatches-in-flight", type=int, default=None,
+                    help="pp > 1: microbatches a stage runs interleaved (default: pp)")
     ap.add_argument("--activation-budget", type=int, default=1 << 20,
                     help="dta: kept tokens on the DFS path before recomputing (0: recompute every parent)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / tp)")
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
 
     with user_errors():
         dump = dump_step(args.hf_checkpoint, args.rollouts, args.mode, args.dtype, args.block_size, args.tp, args.dp,
-                         args.pp, args.microbatches, args.activation_budget)
+                         args.pp, args.microbatches, args.activation_budget, args.microbatches_in_flight)
         if dump is not None:
             torch.save(dump, args.out)
             print(f"wrote {args.out}: {len(dump['logprobs'])} rollouts, loss {dump['loss'].item():.12g}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from megatron_dta.attention import get_attention_backend
-from megatron_dta.engine.executor import Executor, StepOutput
+from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
@@ -61,11 +61,30 @@ class Engine:
         return build_plan(self.cfg.mode, seqs, seq_offsets_of([len(s) for s in seqs]),
                           self.cfg.block_size, self.cfg.max_tokens_per_microbatch, self.cfg.pack_tokens)
 
-    def _result(self, rollouts, out: StepOutput, plan: Plan) -> StepResult:
-        splits = np.cumsum([len(r) for r in rollouts])[:-1]
+    def start(self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None,
+              forward_only: bool = False) -> EngineRun:
+        """Plan ``rollouts`` and return a run whose ``events`` generator performs one unit event
+        (forward or backward) per ``next()``; ``finish`` turns it into a ``StepResult``. Several
+        runs may be alive at once (the pipeline schedule interleaves microbatches this way)."""
+        plan = self.plan(rollouts)
+        if forward_only:
+            table, loss = {"mask": torch.zeros(sum(len(r) for r in rollouts), dtype=torch.float64)}, None
+        else:
+            loss = loss or PolicyLoss()
+            table = loss.token_table(rollouts, denominator)
+        return EngineRun(rollouts, plan, self.executor.start(plan, table, loss, forward_only))
+
+    def finish(self, run: EngineRun) -> StepResult:
+        out = self.executor.finish(run.state)
+        splits = np.cumsum([len(r) for r in run.rollouts])[:-1]
         lps = np.split(out.logprobs.numpy(), splits)
         ents = np.split(out.entropy.numpy(), splits)
-        return StepResult(out.loss, lps, ents, out.stats, plan, out.recomputed_tokens)
+        return StepResult(out.loss, lps, ents, out.stats, run.plan, out.recomputed_tokens)
+
+    def _drain(self, run: EngineRun) -> StepResult:
+        for _ in run.events:
+            pass
+        return self.finish(run)
 
     def forward_backward(self, rollouts: list[Rollout], loss: PolicyLoss | None = None,
                          denominator: float | None = None) -> StepResult:
@@ -74,14 +93,19 @@ class Engine:
         ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);
         by default this batch's own.
         """
-        loss = loss or PolicyLoss()
-        plan = self.plan(rollouts)
-        out = self.executor.run(plan, loss.token_table(rollouts, denominator), loss)
-        return self._result(rollouts, out, plan)
+        return self._drain(self.start(rollouts, loss, denominator))
 
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> StepResult:
-        plan = self.plan(rollouts)
-        table = {"mask": torch.zeros(sum(len(r) for r in rollouts), dtype=torch.float64)}
-        out = self.executor.run(plan, table, None, forward_only=True)
-        return self._result(rollouts, out, plan)
+        return self._drain(self.start(rollouts, forward_only=True))
+
+
+@dataclass
+class EngineRun:
+    rollouts: list[Rollout]
+    plan: Plan
+    state: Run
+
+    @property
+    def events(self):
+        return self.state.events

@@ -46,6 +46,21 @@ class StepOutput:
     recomputed_tokens: int = 0
 
 
+@dataclass
+class Run:
+    """The state of one plan's traversal; several runs may be alive at once (pipeline stages
+    interleave microbatches), each with its own stacks and results."""
+
+    plan: Plan
+    table: dict
+    loss_fn: object
+    forward_only: bool
+    out: StepOutput
+    kept: int = 0  # tokens whose graph is kept on this run's DFS path
+    stacks: tuple | None = None
+    events: object = None  # generator: each next() performs one event and yields (unit, is_backward)
+
+
 class Executor:
     def __init__(self, model, attention, activation_budget_tokens: int = 1 << 20, device="cpu"):
         self.model, self.attention = model, attention
@@ -67,46 +82,63 @@ class Executor:
 
     def run(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> StepOutput:
         """Forward (+ backward unless ``forward_only``) of every unit; grads accumulate in params."""
+        r = self.start(plan, table, loss_fn, forward_only)
+        for _ in r.events:
+            pass
+        return self.finish(r)
+
+    def start(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> Run:
+        """A run whose ``events`` perform the plan's events (``plan.events(forward_only)``) one per
+        ``next()``; nothing is computed or allocated before the first."""
         n_flat = len(table["mask"])
-        # results accumulate on the device and come to the host once, at the end (no sync per unit)
+        # results accumulate on the device and come to the host once, in finish (no sync per unit)
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
-        out = StepOutput(zeros(), zeros(n_flat), zeros(n_flat))
-        self._table = {k: v.to(self.device) for k, v in table.items()}
-        self._loss_fn, self._out, self._forward_only = loss_fn, out, forward_only
-        self._kept = 0
-        self._stacks = self._alloc_stacks(plan) if plan.max_path else None
-        for root in plan.roots:
-            todo = [self._visit(root)]
-            while todo:
-                child = next(todo[-1], None)
-                if child is None:
-                    todo.pop()
-                else:
-                    todo.append(self._visit(child))
-        self._stacks = None
+        r = Run(plan, {k: v.to(self.device) for k, v in table.items()}, loss_fn, forward_only,
+                StepOutput(zeros(), zeros(n_flat), zeros(n_flat)))
+        r.events = self._traverse(r)
+        return r
+
+    def finish(self, r: Run) -> StepOutput:
+        out = r.out
         out.loss, out.logprobs, out.entropy = out.loss.cpu(), out.logprobs.cpu(), out.entropy.cpu()
         out.stats = {k: float(v) for k, v in out.stats.items()}
         return out
 
+    def _traverse(self, r: Run):
+        """DFS over the plan's units as an explicit stack of generators (no recursion): a unit's
+        generator yields its child units to descend into, and (unit, is_backward) after each event."""
+        r.stacks = self._alloc_stacks(r.plan) if r.plan.max_path else None
+        for root in r.plan.roots:
+            todo = [self._visit(r, root)]
+            while todo:
+                item = next(todo[-1], None)
+                if item is None:
+                    todo.pop()
+                elif isinstance(item, Unit):
+                    todo.append(self._visit(r, item))
+                else:
+                    yield item
+        r.stacks = None
+
     # ---- one unit ---------------------------------------------------------------------------
-    def _prefix_leaves(self, unit: Unit, grad: bool):
+    def _prefix_leaves(self, r: Run, unit: Unit, grad: bool):
         if not unit.prefix_len:
             return None, None
-        kst, vst, _, _ = self._stacks
+        kst, vst, _, _ = r.stacks
         P = unit.prefix_len
         pk = [k[:P].detach().requires_grad_(grad) for k in kst]
         pv = [v[:P].detach().requires_grad_(grad) for v in vst]
         return pk, pv
 
-    def _forward(self, unit: Unit, grad: bool, with_loss: bool, saved: ChunkKV | None = None):
+    def _forward(self, r: Run, unit: Unit, grad: bool, with_loss: bool, saved: ChunkKV | None = None):
         """``saved``: the context of the unit's first, no-grad pass when it is recomputed."""
-        pk, pv = self._prefix_leaves(unit, grad)
+        pk, pv = self._prefix_leaves(r, unit, grad)
         ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children)
         loss = None
         with torch.set_grad_enabled(grad):
             hidden_TH = self._run_model(unit, ctx, saved)
             if with_loss and self._has_loss and len(unit.pair_target):
-                loss = self._unit_loss(unit, hidden_TH)
+                loss = self._unit_loss(r, unit, hidden_TH)
         return ctx, loss, pk, pv
 
     # hooks a pipeline stage overrides (megatron_dta/pipeline.py)
@@ -125,60 +157,74 @@ class Executor:
     def _after_backward(self, unit: Unit, ctx: ChunkKV) -> None:
         pass
 
-    def _unit_loss(self, unit: Unit, hidden_TH):
+    def _unit_loss(self, r: Run, unit: Unit, hidden_TH):
         dev = self.device
         lp_P, ent_P = self.model.logprobs(hidden_TH[unit.pair_hidden.to(dev)], unit.pair_target.to(dev))
         ep, ef = unit.elem_pair.to(dev), unit.elem_flat.to(dev)
         lp_E, ent_E = lp_P[ep], ent_P[ep]
-        self._out.logprobs[ef] = lp_E.detach().double()
-        self._out.entropy[ef] = ent_E.detach().double()
-        if self._forward_only or self._loss_fn is None:
+        r.out.logprobs[ef] = lp_E.detach().double()
+        r.out.entropy[ef] = ent_E.detach().double()
+        if r.forward_only or r.loss_fn is None:
             return None
-        g = {k: v[ef] for k, v in self._table.items()}
-        loss, stats = self._loss_fn.terms(lp_E, ent_E if self._loss_fn.needs_entropy else None, g)
-        self._out.loss += loss.detach().double()
+        g = {k: v[ef] for k, v in r.table.items()}
+        loss, stats = r.loss_fn.terms(lp_E, ent_E if r.loss_fn.needs_entropy else None, g)
+        r.out.loss += loss.detach().double()
         for k, v in stats.items():
-            self._out.stats[k] = self._out.stats.get(k, 0.0) + v.double()
+            r.out.stats[k] = r.out.stats.get(k, 0.0) + v.double()
         return loss
 
-    def _push(self, ctx: ChunkKV, unit: Unit, seg: int):
-        """Put segment ``seg`` and its in-unit ancestors' K/V on the stack at their positions and
-        clear the gradients there; returns the (unit rows, stack positions) spans it covered."""
-        kst, vst, gk, gv = self._stacks
-        spans = []
-        for a in unit.seg_chain[seg]:
-            start, length = unit.seg_bounds[a]
-            pos = unit.seg_pos[a]
-            for layer in range(len(kst)):
-                kst[layer][pos:pos + length] = ctx.own_k[layer][start:start + length].detach()
-                vst[layer][pos:pos + length] = ctx.own_v[layer][start:start + length].detach()
-                gk[layer][pos:pos + length].zero_()
-                gv[layer][pos:pos + length].zero_()
-            spans.append((slice(start, start + length), slice(pos, pos + length)))
-        return spans
+    def _chain(self, unit: Unit, seg: int):
+        """(unit rows, stack positions) of segment ``seg`` and its in-unit ancestors: the positions
+        are one contiguous span of the path; the rows are a slice when contiguous in the unit too."""
+        chain = unit.seg_chain[seg]
+        p0 = unit.seg_pos[chain[0]]
+        spans = [unit.seg_bounds[a] for a in chain]
+        n = sum(length for _, length in spans)
+        assert unit.seg_pos[seg] + unit.seg_bounds[seg][1] == p0 + n, "in-unit ancestors must tile the path"
+        if all(spans[i][0] + spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
+            rows = slice(spans[0][0], spans[0][0] + n)
+        else:
+            rows = torch.cat([torch.arange(a, a + length) for a, length in spans]).to(self.device)
+        return rows, slice(p0, p0 + n)
 
-    def _visit(self, unit: Unit):
-        if self._forward_only:
+    def _push(self, r: Run, ctx: ChunkKV, unit: Unit, seg: int):
+        """Put segment ``seg`` and its in-unit ancestors' K/V on the stack at their positions (one
+        copy per layer) and clear the gradients there; returns the (rows, positions) covered."""
+        kst, vst, gk, gv = r.stacks
+        rows, pos = self._chain(unit, seg)
+        for layer in range(len(kst)):
+            kst[layer][pos] = ctx.own_k[layer][rows].detach()
+            vst[layer][pos] = ctx.own_v[layer][rows].detach()
+            gk[layer][pos].zero_()
+            gv[layer][pos].zero_()
+        return rows, pos
+
+    def _visit(self, r: Run, unit: Unit):
+        """Generator of one unit: yields (unit, False) after its forward, its child units (the
+        traversal descends into them), and (unit, True) after its backward."""
+        if r.forward_only:
             with torch.no_grad():
-                ctx, _, _, _ = self._forward(unit, grad=False, with_loss=True)
+                ctx, _, _, _ = self._forward(r, unit, grad=False, with_loss=True)
+            yield unit, False
             for s, kids in enumerate(unit.children):
                 if kids:
-                    self._push(ctx, unit, s)
+                    self._push(r, ctx, unit, s)
                     yield from kids
             unit.spec.cache.clear()
             return
 
-        keep = not unit.has_children or self._kept + unit.num_tokens <= self.budget
+        keep = not unit.has_children or r.kept + unit.num_tokens <= self.budget
         loss = pk = pv = None
         if keep:
-            ctx, loss, pk, pv = self._forward(unit, grad=True, with_loss=True)
-            self._kept += unit.num_tokens
+            ctx, loss, pk, pv = self._forward(r, unit, grad=True, with_loss=True)
+            r.kept += unit.num_tokens
         else:
             with torch.no_grad():
-                ctx, _, _, _ = self._forward(unit, grad=False, with_loss=False)
+                ctx, _, _, _ = self._forward(r, unit, grad=False, with_loss=False)
+        yield unit, False
         dkv = None
         if unit.has_children:
-            _, _, gk, gv = self._stacks
+            _, _, gk, gv = r.stacks
             T = unit.num_tokens
             # [T, K, D] per layer; T (packed segments) may exceed the stack's path length
             dk = [g.new_zeros((T, *g.shape[1:])) for g in gk]
@@ -186,26 +232,26 @@ class Executor:
             for s, kids in enumerate(unit.children):
                 if not kids:
                     continue
-                spans = self._push(ctx, unit, s)
+                rows, pos = self._push(r, ctx, unit, s)
                 yield from kids
                 # children's prefix covered this segment and its in-unit ancestors: accumulate
-                for rows, positions in spans:
-                    for layer in range(len(gk)):
-                        dk[layer][rows] += gk[layer][positions]
-                        dv[layer][rows] += gv[layer][positions]
+                for layer in range(len(gk)):
+                    dk[layer][rows] += gk[layer][pos]
+                    dv[layer][rows] += gv[layer][pos]
             dkv = (dk, dv)
-        self._backward(unit, keep, ctx, loss, pk, pv, dkv)
+        self._backward(r, unit, keep, ctx, loss, pk, pv, dkv)
+        yield unit, True
 
-    def _backward(self, unit, kept, ctx, loss, pk, pv, dkv):
+    def _backward(self, r: Run, unit, kept, ctx, loss, pk, pv, dkv):
         if not kept:
-            ctx, loss, pk, pv = self._forward(unit, grad=True, with_loss=True, saved=ctx)
-            self._out.recomputed_tokens += unit.num_tokens
+            ctx, loss, pk, pv = self._forward(r, unit, grad=True, with_loss=True, saved=ctx)
+            r.out.recomputed_tokens += unit.num_tokens
         else:
-            self._kept -= unit.num_tokens
+            r.kept -= unit.num_tokens
         tensors, grads = self._backward_roots(unit, ctx, loss)
         self._autograd(tensors, grads, ctx, dkv)
         self._after_backward(unit, ctx)
-        self._add_prefix_grads(unit, pk, pv)
+        self._add_prefix_grads(r, unit, pk, pv)
         unit.spec.cache.clear()  # the unit is done: drop its prepared masks
 
     @staticmethod
@@ -219,10 +265,10 @@ class Executor:
         if tensors:
             torch.autograd.backward(tensors, grads)
 
-    def _add_prefix_grads(self, unit, pk, pv):
+    def _add_prefix_grads(self, r: Run, unit, pk, pv):
         """The grads this unit left on its ancestors' K/V go into the gradient stack."""
         if pk is not None:
-            _, _, gk, gv = self._stacks
+            _, _, gk, gv = r.stacks
             P = unit.prefix_len
             for layer in range(len(gk)):
                 if pk[layer].grad is not None:

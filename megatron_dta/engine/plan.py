@@ -59,6 +59,21 @@ class Plan:
     units: int = 0
     extra: dict = field(default_factory=dict)
 
+    def events(self, forward_only: bool = False) -> list[tuple[Unit, bool]]:
+        """(unit, is_backward) in the executor's order: F u, its children's events (DFS), B u;
+        forward-only runs have no B events."""
+        events, todo = [], [(u, False) for u in reversed(self.roots)]
+        while todo:
+            unit, backward = todo.pop()
+            events.append((unit, backward))
+            if backward:
+                continue
+            if not forward_only:
+                todo.append((unit, True))
+            for kids in reversed(unit.children):
+                todo.extend((k, False) for k in reversed(kids))
+        return events
+
     def walk(self):
         todo = list(reversed(self.roots))
         while todo:

@@ -14,7 +14,7 @@ import warnings
 CONFIG_HELP = """\
 configuration: a YAML file of sections, each a mapping of keys; the defaults are the CPU demo.
   model       preset | hf_checkpoint (local HF directory) | arch (ModelConfig fields over the preset)
-  parallel    tp, pp (1: pipeline stages), microbatches_in_flight (pp > 1; default pp),
+  parallel    tp, pp (1: pipeline stages), microbatches_in_flight (pp > 1; default 2 x pp),
               device (auto|cpu|cuda); data parallel = world size / (tp x pp)
   data        rollouts (JSONL) | workload (+ workload_args), rollouts_per_step, microbatch_tokens,
               cost_model (tools/calibrate.py output),

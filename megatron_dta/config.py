@@ -78,7 +78,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1  # pipeline stages (DFS pipeline schedule); must divide model.num_layers
-    microbatches_in_flight: int | None = None  # pp > 1: per stage; null: pp (as in 1F1B's warm-up)
+    microbatches_in_flight: int | None = None  # pp > 1: per stage; null: 2 x pp (docs/pipeline.md)
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
 
     def __post_init__(self):

@@ -44,7 +44,7 @@ class ParallelLayout:
     pp: int = 1
     dp: int = 1
     device: str = "cpu"
-    microbatches_in_flight: int | None = None  # per pipeline stage (None: pp)
+    microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
 
     @classmethod
     def create(cls, tp: int = 1, pp: int = 1, device: str | None = None,

@@ -12,8 +12,10 @@ K/V stacks and K/V gradient stacks of its own layers; only hidden states cross s
                                    backward with the children's dK/dV of its own layers,
                                    isend d hidden_in to s-1
 
-Several microbatches are in flight (``microbatches_in_flight``, default the number of stages, as
-in 1F1B's warm-up): each has its own DFS run (K/V stacks, kept activations), and every stage
+Several microbatches are in flight (``microbatches_in_flight``, default twice the number of
+stages: one DFS path holds far fewer activations than 1F1B's whole microbatch, and a microbatch's
+own DFS leaves gaps while a leaf's gradient travels back, which other microbatches fill; see
+docs/pipeline.md): each has its own DFS run (K/V stacks, kept activations), and every stage
 interleaves the runs' events. The interleaving is a static schedule (``dfs_schedule``): a list
 scheduling of all stages' events, costed by tokens, that every rank computes identically from the
 microbatches' plans. Each stage executes its own events in that order; while stage 0 waits for a
@@ -242,7 +244,7 @@ def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, 
     ``forward_step_func(data_iterator, model) -> (rollouts, loss, denominator)`` yields one
     microbatch (a list of rollouts: a tree or subtree), its ``PolicyLoss`` and the global loss
     normalizer; it is called ``num_microbatches`` times up front, since the schedule is computed
-    from all the microbatches' plans. ``microbatches_in_flight`` (default: the number of stages)
+    from all the microbatches' plans. ``microbatches_in_flight`` (default: twice the number of stages)
     bounds the microbatches a stage has started and not finished. Gradients accumulate in
     ``model``'s parameters (tied embeddings summed across the first and last stage). Returns one
     ``StepResult`` per microbatch; logprobs, loss and stats are filled on the last stage only
@@ -260,7 +262,7 @@ def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, 
             for _ in range(num_microbatches)]
     events = [run.plan.events(forward_only) for run in runs]
     schedule = dfs_schedule([[(b, u.num_tokens) for u, b in ev] for ev in events], stages,
-                            microbatches_in_flight or stages)
+                            microbatches_in_flight or 2 * stages)
     ex.connect(schedule, events)
     results: list = [None] * num_microbatches
     try:

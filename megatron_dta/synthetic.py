@@ -211,6 +211,17 @@ WORKLOADS: dict[str, Callable[..., list[Rollout]]] = {
 }
 
 
+def parse_workload_args(pairs: list[str]) -> dict[str, int]:
+    """``["num_tasks=8", ...]`` (a tool's repeated ``--workload-arg KEY=INT``) as generator keywords."""
+    out = {}
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        if not key or not value.lstrip("-").isdigit():
+            raise ValueError(f"--workload-arg {kv!r}: expected KEY=INTEGER")
+        out[key] = int(value)
+    return out
+
+
 def make_workload(name: str, vocab_size: int, seed: int = 0, **overrides) -> list[Rollout]:
     """Build the named workload; ``overrides`` replace the generator's keyword defaults."""
     if name not in WORKLOADS:

@@ -127,7 +127,7 @@ def test_two_processes_equal_one(reference, tmp_path, parallel):
     """DP=2: each rank trains on its share of the same global batch, loss normalized by the
     all-reduced token count, gradients summed. TP=2: every layer split over two ranks (the grad
     norm counts replicated norms once). PP=2: one layer per stage, the step's microbatches through
-    the DFS pipeline schedule with two in flight (metrics from the last stage, the grad norm summed
+    the DFS pipeline schedule, several in flight (metrics from the last stage, the grad norm summed
     over stages, the checkpoint gathered from both). Tolerance 1e-9 relative: float64 runs that differ only in
     summation order (per-rank partial sums; under torchrun one thread per process) differ by
     ~1e-15 per step, and six Adam steps amplify that by orders of magnitude at most; a wrong

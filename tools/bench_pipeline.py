@@ -1,7 +1,8 @@
-"""Measured step time of the DFS pipeline schedule: PP=1 vs PP=2 (1 and 2 microbatches in flight).
+"""Measured step time of the DFS pipeline schedule: PP=1 vs PP=2 with K microbatches in flight.
 
-    torchrun --standalone --nproc-per-node 2 tools/bench_pipeline.py [--workload demo]
-        [--microbatches 4] [--layers 8] [--hidden 256] [--block-size 256] [--repeats 3] [--json OUT.json]
+    torchrun --standalone --nproc-per-node 2 tools/bench_pipeline.py [--workload multi_turn]
+        [--workload-arg KEY=INT ...] [--microbatches 4] [--in-flight 1 2 4] [--layers 8] [--hidden 256]
+        [--block-size 256] [--repeats 3] [--json OUT.json]
 
 Same model (random weights, qwen3-shaped), same microbatches (contiguous shares of the workload's
 trees, planned in dta mode), float32, one thread per process. PP=1 runs ``Engine.forward_backward``
@@ -22,7 +23,10 @@ from itertools import pairwise
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="demo", help="synthetic workload (default: demo)")
+    ap.add_argument("--workload", default="multi_turn", help="synthetic workload (default: multi_turn)")
+    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
+                    help="override a size of the synthetic workload, e.g. num_tasks=8 (repeatable)")
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4], help="PP=2 runs with these K")
     ap.add_argument("--microbatches", type=int, default=4, help="contiguous shares of the workload's trees")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
@@ -40,7 +44,7 @@ def main(argv=None) -> int:
     from megatron_dta.model.transformer import Transformer
     from megatron_dta.parallel import ParallelLayout, shutdown
     from megatron_dta.pipeline import dfs_schedule, forward_backward_pipelining_dfs
-    from megatron_dta.synthetic import make_workload
+    from megatron_dta.synthetic import make_workload, parse_workload_args
 
     torch.set_num_threads(1)
     layout = ParallelLayout.create(pp=2, device="cpu")
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     full = Transformer(cfg, dtype=torch.float32) if layout.pp_rank == 0 else None
     stage = Transformer(cfg, dtype=torch.float32, stage=(layout.pp_rank, 2))
-    rollouts = make_workload(args.workload, vocab_size=cfg.vocab_size, seed=0)
+    rollouts = make_workload(args.workload, vocab_size=cfg.vocab_size, seed=0, **parse_workload_args(args.workload_arg))
     groups: dict = {}
     for r in rollouts:
         groups.setdefault(r.group, []).append(r)
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
                                         engine_config=ecfg, microbatches_in_flight=in_flight)
         stage.zero_grad(set_to_none=True)
 
-    configs = {"pp1": pp1, "pp2_in_flight_1": lambda: pp2(1), "pp2_in_flight_2": lambda: pp2(2)}
+    configs = {"pp1": pp1, **{f"pp2_in_flight_{k}": (lambda k=k: pp2(k)) for k in args.in_flight}}
     best = dict.fromkeys(configs, float("inf"))
     for repeat in range(args.repeats + 1):
         for name, fn in configs.items():
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
                 best[name] = min(best[name], time.perf_counter() - start)
     engine = Engine(stage, ecfg)
     events = [[(b, u.num_tokens) for u, b in engine.plan(mb).events()] for mb in micro]
-    bubbles = {"pp1": 0.0, **{f"pp2_in_flight_{k}": dfs_schedule(events, 2, k).bubble for k in (1, 2)}}
+    bubbles = {"pp1": 0.0, **{f"pp2_in_flight_{k}": dfs_schedule(events, 2, k).bubble for k in args.in_flight}}
     if layout.pp_rank == 0:
         tokens = sum(len(r) for r in rollouts)
         print(f"workload {args.workload}: {tokens} tokens, {len(micro)} microbatches; {args.layers} layers, "

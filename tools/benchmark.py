@@ -166,19 +166,14 @@ def main(argv=None) -> int:
         return 0
     from megatron_dta.cli_util import user_errors
     from megatron_dta.rollouts import write_rollouts
-    from megatron_dta.synthetic import make_workload
+    from megatron_dta.synthetic import make_workload, parse_workload_args
 
     modes = [m for m in args.modes.split(",") if m]
     with user_errors(), tempfile.TemporaryDirectory() as d:
         path = args.rollouts
         if path is None:
             path = f"{d}/workload.jsonl"
-            overrides = {}
-            for kv in args.workload_arg:
-                key, _, value = kv.partition("=")
-                if not value.lstrip("-").isdigit():
-                    raise ValueError(f"--workload-arg {kv!r}: expected KEY=INTEGER")
-                overrides[key] = int(value)
+            overrides = parse_workload_args(args.workload_arg)
             write_rollouts(path, make_workload(args.workload, model_config(args).vocab_size, args.seed, **overrides))
         res = run_modes(args, path, modes)
         res["workload"] = args.rollouts or args.workload

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (DFS pipeline schedule)")
     ap.add_argument("--microbatches", type=int, default=1, help="pp > 1: microbatches per rank")
     ap.add_argument("--microbatches-in-flight", type=int, default=None,
-                    help="pp > 1: microbatches a stage runs interleaved (default: pp)")
+                    help="pp > 1: microbatches a stage runs interleaved (default: 2 x pp)")
     ap.add_argument("--activation-budget", type=int, default=1 << 20,
                     help="dta: kept tokens on the DFS path before recomputing (0: recompute every parent)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / tp)")

@@ -1,12 +1,12 @@
 """Simulate the DFS pipeline schedule (megatron_dta.pipeline.dfs_schedule) on p stages and m microbatches.
 
     python tools/pipeline_sim.py [--workload tree_search] [--stages 2 4] [--microbatches 1 4 8]
-        [--in-flight K] [--block-size 512] [--seed 0]
+        [--in-flight K] [--block-size 512] [--seed 0] [--workload-arg num_roots=16 ...]
 
 Each microbatch is a contiguous share of the workload's groups (trees), planned in dta mode. The
 simulation is the schedule the implementation executes: unit costs are tokens (forward t,
 backward 2t on every stage, communication free), F u on stage s waits for F u on s-1, B u for
-B u on s+1, and each stage keeps at most K microbatches in flight (default p). Printed per (p, m):
+B u on s+1, and each stage keeps at most K microbatches in flight (default 2p). Printed per (p, m):
 the bubble fraction 1 - busy / (p * makespan) and the peak in-flight memory of the busiest stage
 (kept activation tokens, and microbatches in flight, each holding its path's K/V stacks), next
 to 1F1B over whole microbatches: bubble (p-1)/(m+p-1), peak min(p, m) x the largest
@@ -21,7 +21,7 @@ from itertools import pairwise
 
 from megatron_dta.engine.plan import build_plan, seq_offsets_of
 from megatron_dta.pipeline import dfs_schedule
-from megatron_dta.synthetic import WORKLOADS, make_workload
+from megatron_dta.synthetic import WORKLOADS, make_workload, parse_workload_args
 
 
 def dfs_events(plan):
@@ -43,11 +43,12 @@ def plan_of(rollouts, block_size: int):
     return build_plan("dta", seqs, seq_offsets_of([len(s) for s in seqs]), block_size)
 
 
-def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int | None = None) -> list[str]:
-    rollouts = make_workload(workload, vocab_size=1000, seed=seed)
+def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int | None = None,
+          workload_args: dict | None = None) -> list[str]:
+    rollouts = make_workload(workload, vocab_size=1000, seed=seed, **(workload_args or {}))
     trees = len({r.group for r in rollouts})
     lines = [(f"workload {workload}: {len(rollouts)} rollouts, {trees} trees, block_size {block_size}, "
-              f"in flight {in_flight or 'p'}"),
+              f"in flight {in_flight or '2p'}"),
              "| p | m | units | DFS bubble | 1F1B bubble | DFS peak kept tokens (mb in flight) | 1F1B peak tokens |",
              "|---|---|---|---|---|---|---|"]
     seen = set()
@@ -59,7 +60,7 @@ def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int 
         events = [dfs_events(plan) for plan in plans]
         biggest = max(plan.computed_tokens for plan in plans)
         for p in stages:
-            sched = dfs_schedule(events, p, in_flight or p)
+            sched = dfs_schedule(events, p, in_flight or 2 * p)
             m_real = len(plans)
             lines.append(f"| {p} | {m_real} | {sum(map(len, events)) // 2} | {sched.bubble:.3f} "
                          f"| {(p - 1) / (m_real + p - 1):.3f} | {max(sched.peak_kept_tokens)} "
@@ -75,10 +76,17 @@ def main(argv=None) -> int:
     ap.add_argument("--in-flight", type=int, default=None, help="microbatches in flight per stage (default: p)")
     ap.add_argument("--block-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
+                    help="override a size of the synthetic workload, e.g. num_roots=16 (repeatable)")
     args = ap.parse_args(argv)
     if min(args.stages) < 1 or min(args.microbatches) < 1 or (args.in_flight or 1) < 1:
         ap.error("--stages, --microbatches and --in-flight must be >= 1")
-    print("\n".join(table(args.workload, args.stages, args.microbatches, args.block_size, args.seed, args.in_flight)))
+    try:
+        extra = parse_workload_args(args.workload_arg)
+        lines = table(args.workload, args.stages, args.microbatches, args.block_size, args.seed, args.in_flight, extra)
+    except (TypeError, ValueError) as exc:  # an unknown or malformed --workload-arg
+        ap.error(str(exc))
+    print("\n".join(lines))
     return 0
 
 

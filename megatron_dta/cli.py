@@ -8,6 +8,7 @@ command with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -97,7 +98,8 @@ def _run(args) -> int:
         t.train(Config.from_yaml(args.config, args.overrides), resume=args.resume)
     elif args.command == "logprobs":
         n = t.compute_logprobs(Config.from_yaml(args.config, args.overrides), args.rollouts, args.out)
-        print(f"wrote {args.out}: {n} rollouts with logprobs and entropy")
+        if int(os.environ.get("RANK", "0")) == 0:  # the file is written once, by global rank 0
+            print(f"wrote {args.out}: {n} rollouts with logprobs and entropy")
     elif args.command == "export":
         used = t.export(args.run_dir, args.hf_out, args.step, args.dtype)
         print(f"exported {used} to {args.hf_out}")

@@ -227,12 +227,17 @@ def test_export_loads_in_transformers_with_our_logits(reference, tmp_path):
         export(str(run), str(tmp_path / "nope"), step=3)
 
 
-def test_logprobs_command_writes_rollout_layout(tmp_path):
+@pytest.mark.parametrize("pp", [1, 2])
+def test_logprobs_command_writes_rollout_layout(tmp_path, pp):
+    """pp=2: the forward-only pass through the DFS pipeline schedule (two microbatches, results
+    from the last stage, written by rank 0) gives the same float64 values."""
     cfg_path = small_config(tmp_path)
     rollouts = make_workload("multi_turn", 128, 2, num_tasks=2, trajectories_per_task=2, turns=2, system_len=8,
                              task_len=4, turn_len=4, obs_len=4)
     write_rollouts(tmp_path / "in.jsonl", rollouts)
-    cli("logprobs", "--config", cfg_path, "--rollouts", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl")
+    extra = ["parallel.pp=2", "data.microbatch_tokens=30"] if pp == 2 else []
+    cli("logprobs", "--config", cfg_path, "--rollouts", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl",
+        *extra, torchrun=pp == 2)
     cfg = Config.from_yaml(cfg_path)
     expected = Engine(build_model(cfg, create_layout(cfg))).logprobs(rollouts)
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

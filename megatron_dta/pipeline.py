@@ -23,12 +23,15 @@ leaf's gradient to come back up the pipeline it runs another microbatch's forwar
 shrinks with the number of microbatches as in Megatron's schedules, and memory is bounded by the
 paths in flight (per run: its kept path and its stacks), not by whole trees.
 
-Invariant (deadlock freedom): a stage receives a neighbour's messages in the neighbour's send
-order (every backend matches point-to-point messages between two ranks in issue order) and
-hands them to its events by key. Every message an event waits for was sent by an event committed
+Invariant (deadlock freedom): every message an event waits for was sent by an event committed
 earlier in the simulated schedule, and each stage executes its events in commit order; so the
-earliest blocked event would wait on a completed one, and none blocks forever. A unit that is not
-kept saves its received hidden_in and is recomputed from it for its backward, without communication.
+earliest blocked event would wait on a completed one, and none blocks forever, whatever the real
+durations. On each link between neighbours both ends issue their operations, both directions, in
+one order, the commit order of the sending events (``_Link``: receives are posted before any later
+send, or when needed, and held until their event runs): gloo and NCCL match point-to-point
+messages between two ranks in issue order, and NCCL also runs them in that order on the pair's
+one stream, so the two ends never wait on each other's later operation. A unit that is not kept
+saves its received hidden_in and is recomputed from it for its backward, without communication.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Schedule:
     busy: float  # sum of event costs over all stages
     peak_kept_tokens: list[int]  # per stage: max tokens whose forward ran and backward has not
     peak_in_flight: list[int]  # per stage: max microbatches started and not finished
+    commits: list[tuple[int, int, int]]  # every (stage, microbatch, event) in commit order
 
     @property
     def bubble(self) -> float:
@@ -75,6 +79,7 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
     started = [0] * p
     free = [0.0] * p
     orders = [[] for _ in range(p)]
+    commits = []
     kept, peak_kept, peak_flight = [0] * p, [0] * p, [0] * p
     busy = 0.0
     for _ in range(p * sum(len(ev) for ev in events)):
@@ -99,6 +104,7 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
         done[s][j][i] = free[s] = t + cost
         busy += cost
         orders[s].append((j, i))
+        commits.append((s, j, i))
         if i == 0:
             active[s].append(j)
             started[s] += 1
@@ -108,7 +114,7 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
             active[s].remove(j)
         kept[s] += -tokens if backward else tokens
         peak_kept[s] = max(peak_kept[s], kept[s])
-    return Schedule(orders, max(free) if events else 0.0, busy, peak_kept, peak_flight)
+    return Schedule(orders, max(free) if events else 0.0, busy, peak_kept, peak_flight, commits)
 
 
 def _ranks():
@@ -120,23 +126,42 @@ def _ranks():
             None if last else ps.get_pipeline_model_parallel_next_rank())
 
 
-class _Inbox:
-    """Messages from one neighbour, received in the neighbour's send order and handed to events by
-    key; receives are posted only as far ahead as the event being served needs."""
+class _Link:
+    """The messages between this stage and one neighbour, both directions, in the link's order:
+    the commit order of the events that send them. Both ends issue their operations in that order
+    (a receive is posted before any later send, else when its event needs it), as NCCL requires of
+    two ranks sharing a communicator; received tensors wait in ``posted`` until their event runs."""
 
-    def __init__(self, src: int, keys: list, shape_of, dtype, device):
-        self.src, self.keys, self.shape_of, self.dtype, self.device = src, keys, shape_of, dtype, device
+    def __init__(self, peer: int, seq: list, shape_of, dtype, device):
+        self.peer, self.seq, self.shape_of, self.dtype, self.device = peer, seq, shape_of, dtype, device
         self.pos, self.posted = 0, {}
 
-    def get(self, key) -> torch.Tensor:
-        while key not in self.posted:
-            k = self.keys[self.pos]
-            self.pos += 1
+    def _post_receives(self, key, through: bool) -> None:
+        """Post the receives before ``key``'s place in the link (and ``key``'s own if ``through``).
+        This stage's earlier sends were issued already: its events run in commit order."""
+        while self.pos < len(self.seq):
+            k, incoming = self.seq[self.pos]
+            if k == key and not through:
+                return
+            assert incoming, "this stage skipped one of its sends"
             buf = torch.empty(self.shape_of(k), dtype=self.dtype, device=self.device)
-            self.posted[k] = (buf, dist.irecv(buf, self.src))
+            self.posted[k] = (buf, dist.irecv(buf, self.peer))
+            self.pos += 1
+            if k == key:
+                return
+
+    def recv(self, key) -> torch.Tensor:
+        if key not in self.posted:
+            self._post_receives(key, through=True)
         buf, work = self.posted.pop(key)
         work.wait()
         return buf
+
+    def send(self, key, t: torch.Tensor):
+        self._post_receives(key, through=False)
+        assert self.seq[self.pos] == (key, False), "send out of the link's order"
+        self.pos += 1
+        return dist.isend(t, self.peer)
 
 
 class StageExecutor(Executor):
@@ -148,33 +173,35 @@ class StageExecutor(Executor):
         super().__init__(model, attention, activation_budget_tokens, device)
         self.prev, self.next = _ranks()
         self._sends: list = []
-        self._inbox: dict = {}
+        self._link: dict = {}
         self.key = None
 
     def connect(self, schedule: Schedule, events: list[list[tuple[Unit, bool]]]) -> None:
-        """Inboxes for the neighbours' messages: forwards from the previous stage (its F events,
-        in its order), gradients from the next stage (its B events, in its order)."""
+        """The links to the neighbours: forwards travel down (F events of the stage above), gradients
+        up (B events of the stage below), each link in commit order."""
         s = self.model.stage[0]
         hidden = self.model.cfg.hidden_size
         shape_of = lambda key: (events[key[0]][key[1]][0].num_tokens, hidden)
-        for src, order, backward in ((self.prev, s - 1, False), (self.next, s + 1, True)):
-            if src is not None:
-                keys = [(j, i) for j, i in schedule.orders[order] if events[j][i][1] == backward]
-                self._inbox[src] = _Inbox(src, keys, shape_of, self.model.dtype, self.device)
+        for peer, upper in ((self.prev, s - 1), (self.next, s)):  # link between stages upper, upper + 1
+            if peer is None:
+                continue
+            seq = [((j, i), st != s) for st, j, i in schedule.commits
+                   if (st == upper and not events[j][i][1]) or (st == upper + 1 and events[j][i][1])]
+            self._link[peer] = _Link(peer, seq, shape_of, self.model.dtype, self.device)
 
     def flush(self) -> None:
-        """Wait for every send (their tensors are then free) and drop the inboxes."""
+        """Wait for every send (their tensors are then free) and drop the links."""
         for work in self._sends:
             work.wait()
-        self._sends, self._inbox = [], {}
+        self._sends, self._link = [], {}
 
     def _send(self, t: torch.Tensor, dst: int) -> None:
         # drop finished sends so that sent hidden states are freed along the DFS, not per microbatch
         self._sends = [w for w in self._sends if not w.is_completed()]
-        self._sends.append(dist.isend(t.detach().contiguous(), dst))
+        self._sends.append(self._link[dst].send(self.key, t.detach().contiguous()))
 
     def _recv(self, unit: Unit, src: int) -> torch.Tensor:
-        buf_TH = self._inbox[src].get(self.key)
+        buf_TH = self._link[src].recv(self.key)
         assert buf_TH.shape[0] == unit.num_tokens, "message does not belong to this unit"
         return buf_TH
 

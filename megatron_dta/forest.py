@@ -63,8 +63,7 @@ class PrefixForest:
         self.sequences = seqs
         self.nodes: list[Node] = []
         self.paths: list[list[int]] = []
-        if seqs:
-            self._build(seqs)
+        self._build(seqs)
 
     def _build(self, seqs: list[np.ndarray]) -> None:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
@@ -175,12 +174,17 @@ class PrefixForest:
     def packed(self) -> PackedForest:
         """All unique tokens in DFS order with position ids and the ancestor relation (sparse mode)."""
         lengths = np.array([n.length for n in self.nodes], dtype=np.int64)
-        node_of_token = np.repeat(np.arange(len(self.nodes)), lengths)
+        offsets = np.array([n.offset for n in self.nodes], dtype=np.int64)
+        node_start = np.cumsum(lengths) - lengths
+        node_of_token = np.repeat(np.arange(len(self.nodes), dtype=np.int64), lengths)
+        # a token's position is its node's offset plus its index inside the node
+        index_in_node = np.arange(len(node_of_token), dtype=np.int64) - node_start[node_of_token]
+        no_tokens = [np.zeros(0, dtype=np.int64)]  # an empty forest packs to empty arrays
         return PackedForest(
-            input_ids=np.concatenate([n.tokens for n in self.nodes]),
-            position_ids=np.concatenate([np.arange(n.offset, n.end) for n in self.nodes]),
+            input_ids=np.concatenate([n.tokens for n in self.nodes] or no_tokens),
+            position_ids=offsets[node_of_token] + index_in_node,
             node_of_token=node_of_token,
-            node_start=np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+            node_start=node_start,
             dfs_out=self.dfs_out.copy(),
         )
 

@@ -74,6 +74,15 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _fits_float(x: float) -> bool:
+    """False for a JSON integer too large for float64 (JSON integers have no size limit)."""
+    try:
+        float(x)
+    except OverflowError:
+        return False
+    return True
+
+
 def _float_list(values, length: int, fail) -> np.ndarray:
     if not isinstance(values, list):
         fail(f"expected a list of {length} numbers, got {type(values).__name__}")
@@ -81,7 +90,11 @@ def _float_list(values, length: int, fail) -> np.ndarray:
         fail(f"length {len(values)} != len(input_ids) = {length}")
     if not all(_is_number(v) for v in values):
         fail("every entry must be a number")
-    arr = np.asarray(values, dtype=np.float64)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        j = next(j for j, v in enumerate(values) if not _fits_float(v))
+        fail(f"integer at index {j} is too large for float64")
     if not np.all(np.isfinite(arr)):
         fail(f"NaN or infinite value at index {int(np.flatnonzero(~np.isfinite(arr))[0])}")
     return arr
@@ -118,12 +131,17 @@ def parse_rollout(record: object, vocab_size: int | None, path: str | Path = "<r
         fail("input_ids", "expected a non-empty list of token ids")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         fail("input_ids", "every entry must be an integer token id")
-    input_ids = np.asarray(ids, dtype=np.int64)
-    length = len(input_ids)
-    bad = (input_ids < 0) | (input_ids >= vocab_size) if vocab_size is not None else input_ids < 0
+    length = len(ids)
+    upper = vocab_size if vocab_size is not None else 2**63  # no vocabulary: the ids int64 holds
+    try:
+        input_ids = np.asarray(ids, dtype=np.int64)
+    except OverflowError:  # JSON integers have no size limit: find the first bad token in Python
+        bad = np.array([not 0 <= t < upper for t in ids])
+    else:
+        bad = (input_ids < 0) | (input_ids >= vocab_size) if vocab_size is not None else input_ids < 0
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        fail("input_ids", f"token {int(input_ids[j])} at index {j} is outside [0, {vocab_size})")
+        fail("input_ids", f"token {ids[j]} at index {j} is outside [0, {upper})")
 
     mask = record["loss_mask"]
     if not isinstance(mask, list):
@@ -138,6 +156,8 @@ def parse_rollout(record: object, vocab_size: int | None, path: str | Path = "<r
 
     adv = record["advantages"]
     if _is_number(adv):
+        if not _fits_float(adv):
+            fail("advantages", "integer too large for float64")
         if not math.isfinite(adv):
             fail("advantages", "NaN or infinite value")
         advantages = np.full(length, float(adv), dtype=np.float64)

@@ -169,6 +169,16 @@ def test_deep_chain_has_no_recursion_limit():
     assert np.array_equal(packed.position_ids, np.arange(n)) and np.array_equal(packed.input_ids, base)
 
 
+def test_empty_forest_packs_to_empty_arrays():
+    forest = PrefixForest([])
+    assert forest.nodes == [] and forest.roots == [] and forest.dfs_out.tolist() == []
+    packed = forest.packed()
+    for name in ("input_ids", "position_ids", "node_of_token", "node_start", "dfs_out"):
+        array = getattr(packed, name)
+        assert array.dtype == np.int64 and array.shape == (0,), name
+    assert packed.dense_mask().shape == (0, 0)
+
+
 def test_empty_sequence_is_refused():
     with pytest.raises(ValueError, match="at least one token"):
         PrefixForest([np.array([1]), np.array([], dtype=np.int64)])

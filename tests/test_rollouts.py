@@ -54,6 +54,12 @@ BAD_LINES = {
     "advantages_string": (record(advantages="high"), "advantages"),
     "advantages_bool_entries": (record(advantages=[True, False, True]), "advantages"),
     "group_list": (record(group=[1, 2]), "group"),
+    # JSON integers have no size limit: beyond int64 / float64 they are refused, not an OverflowError
+    "token_beyond_int64": (record(input_ids=[1, 2**64, 3]), "input_ids"),
+    "token_below_int64": (record(input_ids=[1, -(2**64), 3]), "input_ids"),
+    "advantage_int_beyond_float64": (record(advantages=10**400), "advantages"),
+    "advantages_int_beyond_float64": (record(advantages=[0, 10**400, 1]), "advantages"),
+    "old_logprob_int_beyond_float64": (record(old_logprobs=[0, -(10**400), 0]), "old_logprobs"),
 }
 
 
@@ -87,6 +93,13 @@ def test_nan_message_says_what_is_wrong(tmp_path):
 def test_out_of_range_message_names_token_and_vocab(tmp_path):
     path = write_lines(tmp_path / "oov.jsonl", [record(input_ids=[1, 2, 99])])
     assert f"token 99 at index 2 is outside [0, {VOCAB})" in assert_refused(path, 1, "input_ids")
+
+
+def test_huge_integer_messages_name_the_index(tmp_path):
+    path = write_lines(tmp_path / "big.jsonl", [record(input_ids=[1, 2, 10**23])])
+    assert f"token {10**23} at index 2 is outside [0, {VOCAB})" in assert_refused(path, 1, "input_ids")
+    path = write_lines(tmp_path / "big.jsonl", [record(ref_logprobs=[0, 0, 10**400])])
+    assert "integer at index 2 is too large for float64" in assert_refused(path, 1, "ref_logprobs")
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\n"], ids=["zero_bytes", "blank_lines"])
@@ -129,6 +142,18 @@ def test_tree_stats_bad_file_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         f"{path}:2: field 'loss_mask': loss_mask[0] must be 0: the first token is never predicted"
+    )
+    assert result.stdout == ""
+
+
+def test_tree_stats_token_beyond_int64_exits_2_with_one_line(tmp_path):
+    """Without --vocab-size the only bound on a token id is what int64 holds."""
+    path = write_lines(tmp_path / "big.jsonl", [record(input_ids=[1, 99999999999999999999999, 3])])
+    result = run_tool("tree_stats.py", path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"{path}:1: field 'input_ids': token 99999999999999999999999 at index 1 is outside [0, {2**63})"
     )
     assert result.stdout == ""
 

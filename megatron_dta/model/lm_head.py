@@ -7,7 +7,12 @@ megatron's VocabParallelEmbedding splits it); the max, the sum of exponentials, 
 the logits and the target logit are all-reduced. Logits are computed in the model dtype (as HF does) and the
 softmax statistics in at least float32 (float64 stays float64, so the float64 path is exact to
 round-off); the weight gradient accumulates over chunks in at least float32. On CPU, when all of a
-call's logits take at most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed.
+call's logits take at most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed,
+and so are their exponentials when both together fit.
+
+On CPU a fresh [chunk, vocab] tensor costs more (page faults) than an elementwise pass over it, so
+each pass writes into the chunk's logits or exponentials in place, and backward writes the logits'
+gradient over the logits it consumes.
 """
 
 from __future__ import annotations
@@ -24,61 +29,103 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
+def _logits(hidden_cH: torch.Tensor, weight_VH: torch.Tensor, out_cV: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` in the model dtype, written into ``out_cV`` (at least float32)."""
+    if out_cV.dtype == hidden_cH.dtype:
+        return torch.matmul(hidden_cH, weight_VH.t(), out=out_cV)
+    return out_cV.copy_(hidden_cH @ weight_VH.t())
+
+
+def _exp_shifted(z_cV: torch.Tensor, m_c: torch.Tensor, out_cV: torch.Tensor) -> torch.Tensor:
+    """exp(z - m) per row, written into ``out_cV``."""
+    return torch.sub(z_cV, m_c[:, None], out=out_cV).exp_()
+
+
 class _FusedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, targets_T, vocab_start, group, chunk):
         cdtype = torch.promote_types(hidden_TH.dtype, torch.float32)
         T, V = hidden_TH.shape[0], weight_VH.shape[0]
+        c = min(T, chunk)
         lse_T = hidden_TH.new_empty(T, dtype=cdtype)
         mean_z_T = hidden_TH.new_empty(T, dtype=cdtype)
         target_z_T = hidden_TH.new_empty(T, dtype=cdtype)
+        m_T = hidden_TH.new_empty(T, dtype=cdtype)
+        r_T = hidden_TH.new_empty(T, dtype=cdtype)
         local_t = targets_T - vocab_start
         owned = (local_t >= 0) & (local_t < V)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
-        keep = hidden_TH.device.type == "cpu" and T * V * torch.finfo(cdtype).bits // 8 <= KEEP_LOGITS_BYTES
-        kept = []
+        logits_bytes = T * V * torch.finfo(cdtype).bits // 8
+        keep_z = hidden_TH.device.type == "cpu" and logits_bytes <= KEEP_LOGITS_BYTES
+        keep_e = keep_z and 2 * logits_bytes <= KEEP_LOGITS_BYTES
+        z_buf = None if keep_z else hidden_TH.new_empty(c, V, dtype=cdtype)
+        e_buf = None if keep_e else hidden_TH.new_empty(c, V, dtype=cdtype)
+        kept_z, kept_e = [], []
         for a in range(0, T, chunk):
             b = min(T, a + chunk)
-            z_cV = (hidden_TH[a:b] @ weight_VH.t()).to(cdtype)
-            if keep:
-                kept.append(z_cV)
-            m_c = _all_reduce(z_cV.max(dim=-1).values, dist.ReduceOp.MAX, group)
-            e_cV = torch.exp(z_cV - m_c[:, None])
+            z_out = hidden_TH.new_empty(b - a, V, dtype=cdtype) if keep_z else z_buf[: b - a]
+            z_cV = _logits(hidden_TH[a:b], weight_VH, z_out)
+            m_T[a:b] = _all_reduce(z_cV.amax(dim=-1), dist.ReduceOp.MAX, group)
+            e_cV = _exp_shifted(z_cV, m_T[a:b], torch.empty_like(z_cV) if keep_e else e_buf[: b - a])
             zt_c = z_cV.gather(1, local_t[a:b, None]).squeeze(1) * owned[a:b]
-            sums_3c = _all_reduce(torch.stack([e_cV.sum(-1), (e_cV * z_cV).sum(-1), zt_c]), dist.ReduceOp.SUM, group)
-            lse_T[a:b] = m_c + torch.log(sums_3c[0])
+            s_c = e_cV.sum(-1)
+            if keep_e:
+                kept_e.append(e_cV)
+                ez_c = torch.einsum("cv,cv->c", e_cV, z_cV)  # no [c, V] temporary
+            else:
+                ez_c = e_cV.mul_(z_cV).sum(-1)  # e is not needed again: the product overwrites it
+            if keep_z:
+                kept_z.append(z_cV)
+            sums_3c = _all_reduce(torch.stack([s_c, ez_c, zt_c]), dist.ReduceOp.SUM, group)
+            lse_T[a:b] = m_T[a:b] + torch.log(sums_3c[0])
             mean_z_T[a:b] = sums_3c[1] / sums_3c[0]
             target_z_T[a:b] = sums_3c[2]
-        ctx.save_for_backward(hidden_TH, weight_VH, local_t, owned, lse_T, mean_z_T)
-        ctx.chunk, ctx.kept = chunk, kept
+            r_T[a:b] = 1 / sums_3c[0]  # softmax = exp(z - m) * r: kept exponentials need no second exp
+        ctx.save_for_backward(hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_z_T)
+        ctx.chunk, ctx.kept_z, ctx.kept_e = chunk, kept_z, kept_e
         ctx.set_materialize_grads(False)  # an unused output (often entropy) then costs nothing
         return target_z_T - lse_T, lse_T - mean_z_T
 
     @staticmethod
     def backward(ctx, dlogprob_T, dentropy_T):
-        hidden_TH, weight_VH, local_t, owned, lse_T, mean_z_T = ctx.saved_tensors
-        cdtype = lse_T.dtype
+        hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_z_T = ctx.saved_tensors
+        # Backward overwrites what it was given; a second backward (retain_graph) recomputes it.
+        kept_z, kept_e = ctx.kept_z, ctx.kept_e
+        ctx.kept_z = ctx.kept_e = []
+        cdtype = r_T.dtype
+        T, V = hidden_TH.shape[0], weight_VH.shape[0]
+        c = min(T, ctx.chunk)
+        z_buf = None if kept_z else hidden_TH.new_empty(c, V, dtype=cdtype)
+        e_buf = None if kept_e else hidden_TH.new_empty(c, V, dtype=cdtype)
         grad_h = torch.empty_like(hidden_TH) if ctx.needs_input_grad[0] else None
         grad_w = None
-        T = hidden_TH.shape[0]
         for i, a in enumerate(range(0, T, ctx.chunk)):
             b = min(T, a + ctx.chunk)
-            z_cV = ctx.kept[i] if ctx.kept else (hidden_TH[a:b] @ weight_VH.t()).to(cdtype)
-            p_cV = torch.exp(z_cV - lse_T[a:b, None])
-            # d logprob / dz = onehot(target) - p ;  d entropy / dz = -p * (z - E_p[z])
-            coef_c = torch.zeros_like(lse_T[a:b]) if dlogprob_T is None else dlogprob_T[a:b].to(cdtype)
+            z_cV = kept_z[i] if kept_z else _logits(hidden_TH[a:b], weight_VH, z_buf[: b - a])
+            e_cV = kept_e[i] if kept_e else _exp_shifted(z_cV, m_T[a:b], e_buf[: b - a])
+            # d logprob / dz = onehot(target) - p ;  d entropy / dz = -p * (z - E_p[z]) ;  p = e * r
+            coef_c = torch.zeros_like(r_T[a:b]) if dlogprob_T is None else dlogprob_T[a:b].to(cdtype)
+            neg_r_c1 = -r_T[a:b, None]
+            dz_cV = z_cV  # the logits are not needed again: their gradient overwrites them
             if dentropy_T is None:
-                dz_cV = p_cV * -coef_c[:, None]
+                torch.mul(e_cV, coef_c[:, None] * neg_r_c1, out=dz_cV)
             else:
-                dz_cV = p_cV * -(coef_c[:, None] + (z_cV - mean_z_T[a:b, None]) * dentropy_T[a:b, None].to(cdtype))
+                dent_c1 = dentropy_T[a:b, None].to(cdtype)
+                z_cV.sub_(mean_z_T[a:b, None])
+                torch.addcmul(coef_c[:, None] * neg_r_c1, z_cV, dent_c1 * neg_r_c1, out=dz_cV)
+                dz_cV.mul_(e_cV)
             if dlogprob_T is not None:
                 dz_cV.scatter_add_(1, local_t[a:b, None], (coef_c * owned[a:b])[:, None])
             dz_cV = dz_cV.to(hidden_TH.dtype)
             if grad_h is not None:
-                grad_h[a:b] = dz_cV @ weight_VH
+                torch.matmul(dz_cV, weight_VH, out=grad_h[a:b])
             if ctx.needs_input_grad[1]:
-                g = (dz_cV.t() @ hidden_TH[a:b]).to(cdtype)
-                grad_w = g if grad_w is None else grad_w.add_(g)
+                if grad_w is None:
+                    grad_w = (dz_cV.t() @ hidden_TH[a:b]).to(cdtype)
+                elif grad_w.dtype == dz_cV.dtype:
+                    grad_w.addmm_(dz_cV.t(), hidden_TH[a:b])  # no [V, H] temporary
+                else:
+                    grad_w += (dz_cV.t() @ hidden_TH[a:b]).to(cdtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight_VH.dtype)
         return grad_h, grad_w, None, None, None, None

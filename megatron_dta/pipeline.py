@@ -126,6 +126,14 @@ def _ranks():
             None if last else ps.get_pipeline_model_parallel_next_rank())
 
 
+def link_order(schedule: Schedule, backward: list[list[bool]], upper: int) -> list[tuple[tuple, int]]:
+    """(event key, sending stage) of every message between stages ``upper`` and ``upper + 1``, in the
+    link's order: forwards sent down by ``upper``, gradients sent up by ``upper + 1``, by commit.
+    ``backward[j][i]``: whether event i of microbatch j is a backward."""
+    return [((j, i), st) for st, j, i in schedule.commits
+            if (st == upper and not backward[j][i]) or (st == upper + 1 and backward[j][i])]
+
+
 class _Link:
     """The messages between this stage and one neighbour, both directions, in the link's order:
     the commit order of the events that send them. Both ends issue their operations in that order
@@ -182,12 +190,11 @@ class StageExecutor(Executor):
         s = self.model.stage[0]
         hidden = self.model.cfg.hidden_size
         shape_of = lambda key: (events[key[0]][key[1]][0].num_tokens, hidden)
+        backward = [[b for _, b in ev] for ev in events]
         for peer, upper in ((self.prev, s - 1), (self.next, s)):  # link between stages upper, upper + 1
-            if peer is None:
-                continue
-            seq = [((j, i), st != s) for st, j, i in schedule.commits
-                   if (st == upper and not events[j][i][1]) or (st == upper + 1 and events[j][i][1])]
-            self._link[peer] = _Link(peer, seq, shape_of, self.model.dtype, self.device)
+            if peer is not None:
+                seq = [(key, sender != s) for key, sender in link_order(schedule, backward, upper)]
+                self._link[peer] = _Link(peer, seq, shape_of, self.model.dtype, self.device)
 
     def flush(self) -> None:
         """Wait for every send (their tensors are then free) and drop the links."""

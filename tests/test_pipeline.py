@@ -169,6 +169,79 @@ def test_schedule_equals_1f1b_on_single_unit_microbatches():
     assert dfs_schedule([events], 2, 2).peak_kept_tokens == [7, 7]
 
 
+def issued_on_links(schedule, events, p, monkeypatch):
+    """Each stage runs its order against real ``_Link`` objects whose point-to-point calls are
+    recorded instead of sent: {(stage, peer): [(kind, key), ...]} in issue order."""
+    from megatron_dta import pipeline
+
+    calls, current = {}, {}
+
+    class Done:
+        def wait(self):
+            pass
+
+        def is_completed(self):
+            return True
+
+    def record(kind):
+        def op(tensor, peer):  # a receive is for the message whose buffer was just shaped
+            key = current["shaped"] if kind == "recv" else current["key"]
+            calls.setdefault((current["stage"], peer), []).append((kind, key))
+            return Done()
+        return op
+
+    def shape_of(key):
+        current["shaped"] = key
+        return (1,)
+
+    monkeypatch.setattr(pipeline.dist, "irecv", record("recv"))
+    monkeypatch.setattr(pipeline.dist, "isend", record("send"))
+    backward = [[b for b, _ in ev] for ev in events]
+    for s in range(p):
+        links = {peer: pipeline._Link(peer, [(key, sender != s) for key, sender in
+                                             pipeline.link_order(schedule, backward, min(s, peer))],
+                                      shape_of, torch.float32, "cpu")
+                 for peer in (s - 1, s + 1) if 0 <= peer < p}
+        current["stage"] = s
+        tensor = torch.zeros(1)
+        for j, i in schedule.orders[s]:
+            current["key"] = (j, i)
+            src, dst = (s + 1, s - 1) if events[j][i][0] else (s - 1, s + 1)
+            if src in links:
+                links[src].recv((j, i))
+            if dst in links:
+                links[dst].send((j, i), tensor)
+    return calls
+
+
+def test_link_ends_issue_the_same_sequence(monkeypatch):
+    """On every link both ends issue their operations in one order (what NCCL needs of a pair that
+    shares a communicator): the k-th call on one end is the k-th call's counterpart on the other,
+    for the same message. A recorded receive is posted when issued, which may precede its event."""
+    rng = np.random.default_rng(0)
+    events = []
+    for _ in range(5):  # random DFS shapes: a root, then children that are leaves or small subtrees
+        ev = [(False, int(rng.integers(4, 40)))]
+        for _ in range(int(rng.integers(1, 4))):
+            kids = int(rng.integers(0, 3))
+            ev.append((False, int(rng.integers(2, 20))))
+            for _ in range(kids):
+                t = int(rng.integers(1, 10))
+                ev += [(False, t), (True, t)]
+            ev.append((True, ev[-1 - 2 * kids][1]))
+        ev.append((True, ev[0][1]))
+        events.append(ev)
+    for p in (2, 3, 4):
+        for k in (1, 2, 2 * p):
+            sched = dfs_schedule(events, p, k)
+            calls = issued_on_links(sched, events, p, monkeypatch)
+            for s in range(p - 1):
+                down, up = calls[(s, s + 1)], calls[(s + 1, s)]
+                assert len(down) == len(up) == sum(len(ev) for ev in events)
+                assert [key for _, key in down] == [key for _, key in up]
+                assert all(a != b for (a, _), (b, _) in zip(down, up))  # a send meets a receive
+
+
 def replay(orders, events, in_flight):
     """Execute the per-stage orders as message-passing processes with buffered receives: a forward
     waits for the same event on the previous stage, a backward for the next stage's. Round-robin

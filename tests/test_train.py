@@ -76,7 +76,7 @@ def cli(*args, timeout=120, torchrun=False, check=True) -> subprocess.CompletedP
     proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           check=False, env={**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else same_threads_env())
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]
     return proc
 
 

@@ -16,7 +16,7 @@ from reference import make_hf_model
 
 from megatron_dta.pipeline import dfs_schedule
 from megatron_dta.rollouts import make_rollout, write_rollouts
-from megatron_dta.synthetic import multi_turn, tree_search
+from megatron_dta.synthetic import WORKLOADS, multi_turn, tree_search
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -273,7 +273,7 @@ def replay(orders, events, in_flight):
     return sum(pos)
 
 
-@pytest.mark.parametrize("workload", ["tree_search", "multi_turn", "mixed", "fanout"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
 def test_schedule_is_deadlock_free_interleaved_and_bounded_by_paths_in_flight(workload):
     from megatron_dta.engine.plan import build_plan, seq_offsets_of
     from megatron_dta.synthetic import make_workload

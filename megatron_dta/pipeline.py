@@ -82,23 +82,29 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
     commits = []
     kept, peak_kept, peak_flight = [0] * p, [0] * p, [0] * p
     busy = 0.0
-    for _ in range(p * sum(len(ev) for ev in events)):
+
+    def best_of(s):
+        """(start, stage, forward?, microbatch), i of stage s's best next event, or None."""
         best = None
-        for s in range(p):
-            cands = active[s] + ([started[s]] if started[s] < m and len(active[s]) < in_flight else [])
-            for j in cands:
-                i = nxt[s][j]
-                backward, _ = events[j][i]
-                t, nb = free[s], s + 1 if backward else s - 1
-                if 0 <= nb < p:
-                    if done[nb][j][i] is None:
-                        continue
-                    t = max(t, done[nb][j][i])
-                key = (t, s, not backward, j)
-                if best is None or key < best[0]:  # earliest start, then stage, backward, older
-                    best = (key, s, j, i)
+        for j in active[s] + ([started[s]] if started[s] < m and len(active[s]) < in_flight else []):
+            i = nxt[s][j]
+            backward = events[j][i][0]
+            t, nb = free[s], s + 1 if backward else s - 1
+            if 0 <= nb < p:
+                if done[nb][j][i] is None:
+                    continue
+                t = max(t, done[nb][j][i])
+            key = (t, s, not backward, j)  # earliest start, then stage, backward, older
+            if best is None or key < best[0]:
+                best = (key, i)
+        return best
+
+    # a commit on stage s changes only the candidates of s and of one neighbour: cache the rest
+    cache = [best_of(s) for s in range(p)]
+    for _ in range(p * sum(len(ev) for ev in events)):
+        best = min((c for c in cache if c is not None), default=None)
         assert best is not None, "schedule stalled: no event can start"
-        (t, *_), s, j, i = best
+        ((t, s, _, j), i) = best
         backward, tokens = events[j][i]
         cost = (2.0 if backward else 1.0) * tokens
         done[s][j][i] = free[s] = t + cost
@@ -114,6 +120,9 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
             active[s].remove(j)
         kept[s] += -tokens if backward else tokens
         peak_kept[s] = max(peak_kept[s], kept[s])
+        for n in (s, s - 1 if backward else s + 1):  # a forward readies s+1's, a backward s-1's
+            if 0 <= n < p:
+                cache[n] = best_of(n)
     return Schedule(orders, max(free) if events else 0.0, busy, peak_kept, peak_flight, commits)
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 
-from megatron_dta.parallel import ParallelLayout, all_reduce_grads
+from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_over
 
 BACKENDS = ("torch", "deepspeed", "megatron")
 
@@ -85,10 +84,7 @@ def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> floa
     for p in params:
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
             sq += p.grad.detach().double().pow(2).sum()
-    for group, size in ((layout.tp_group, layout.tp), (layout.pp_group, layout.pp)):
-        if size > 1:
-            dist.all_reduce(sq, group=group)
-    return math.sqrt(sq.item())
+    return math.sqrt(all_reduce_over(sq, layout.tp_group, layout.pp_group).item())
 
 
 def norm_params(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -150,12 +150,16 @@ def all_reduce_grads(model: torch.nn.Module, group) -> None:
             offset += n
 
 
+def all_reduce_over(t: torch.Tensor, *groups, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce ``t`` in place over each group in turn (groups of one rank, or None, are skipped)."""
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
-    if group is None or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=op, group=group)
-    return t.item()
+    return all_reduce_over(torch.tensor([value], dtype=torch.float64), group, op=op).item()
 
 
 def shard_indices(n: int, world: int, rank: int) -> list[int]:

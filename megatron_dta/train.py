@@ -32,11 +32,16 @@ from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
 from megatron_dta.optim import build_optimizer, lr_at
-from megatron_dta.parallel import ParallelLayout, all_reduce_scalar, broadcast_from_last_stage
+from megatron_dta.parallel import (
+    ParallelLayout,
+    all_reduce_over,
+    all_reduce_scalar,
+    broadcast_from_last_stage,
+)
 from megatron_dta.pipeline import forward_backward_pipelining_dfs
 from megatron_dta.rollouts import Rollout, load_rollouts, write_rollouts
 
-# summed over DP ranks each step, in this order
+# summed over DP ranks (and from the last pipeline stage) each step, in this order
 _SUMS = ("loss", "total_tokens", "computed_tokens", "recomputed_tokens", "tokens", "clipped", "approx_kl", "entropy")
 
 
@@ -147,10 +152,8 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
     lr = lr_at(cfg.optimizer, step, cfg.train.steps)
     grad_norm = optimizer.step(lr)
 
-    totals = torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64)
-    for group, size in ((layout.dp_group, layout.dp), (layout.pp_group, layout.pp)):
-        if size > 1:
-            dist.all_reduce(totals, group=group)
+    totals = all_reduce_over(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64),
+                             layout.dp_group, layout.pp_group)
     g = dict(zip(_SUMS, totals.tolist()))
     peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
     seconds = time.perf_counter() - start

@@ -80,16 +80,11 @@ class Executor:
 
         return mk(m.dtype), mk(m.dtype), mk(gdtype), mk(gdtype)
 
-    def run(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> StepOutput:
-        """Forward (+ backward unless ``forward_only``) of every unit; grads accumulate in params."""
-        r = self.start(plan, table, loss_fn, forward_only)
-        for _ in r.events:
-            pass
-        return self.finish(r)
-
     def start(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> Run:
-        """A run whose ``events`` perform the plan's events (``plan.events(forward_only)``) one per
-        ``next()``; nothing is computed or allocated before the first."""
+        """A run of the plan: forward (+ backward unless ``forward_only``) of every unit, gradients
+        accumulating in the parameters. Its ``events`` perform the plan's events
+        (``plan.events(forward_only)``) one per ``next()``; nothing is computed or allocated before
+        the first; ``finish`` returns the results once they are exhausted."""
         n_flat = len(table["mask"])
         # results accumulate on the device and come to the host once, in finish (no sync per unit)
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +205,23 @@ def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
     assert exact(read_metrics(out / "metrics.jsonl")) == exact(read_metrics(run / "metrics.jsonl"))
     for name, t in final_weights(out).items():
         assert torch.equal(t, final_weights(run)[name]), name
+
+
+def test_pp2_resume_repeats_the_run(tmp_path):
+    """A PP=2 run resumed from its step-2 checkpoint (each stage reloads its own layers and its
+    optimizer file) repeats the uninterrupted run's later steps and weights bit for bit."""
+    config = small_config(tmp_path)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["train", "--config", config, "parallel.pp=2", "train.steps=4", "checkpoint.every=2"]
+    cli(*args, f"checkpoint.run_dir={full}", torchrun=True, timeout=180)
+    shutil.copytree(full, cut)
+    shutil.rmtree(step_dir(cut, 4))
+    assert step_of(latest_complete(cut)) == 2
+    cli(*args, f"checkpoint.run_dir={cut}", "--resume", torchrun=True, timeout=180)
+    assert exact(read_metrics(cut / "metrics.jsonl")) == exact(read_metrics(full / "metrics.jsonl"))
+    ref_w = read_hf_dir(step_dir(full, 4) / "model")[1]
+    for name, t in read_hf_dir(step_dir(cut, 4) / "model")[1].items():
+        assert torch.equal(t, ref_w[name]), name
 
 
 def test_export_loads_in_transformers_with_our_logits(reference, tmp_path):

@@ -135,26 +135,19 @@ def run_tool(name: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, cwd=TOOLS.parent)
 
 
-def test_tree_stats_bad_file_exits_2_with_one_line(tmp_path):
-    path = write_lines(tmp_path / "bad.jsonl", [record(), record(loss_mask=[1, 1, 1])])
-    result = run_tool("tree_stats.py", path, "--vocab-size", VOCAB)
+@pytest.mark.parametrize("bad, extra, message", [
+    (record(loss_mask=[1, 1, 1]), ["--vocab-size", VOCAB],
+     ":2: field 'loss_mask': loss_mask[0] must be 0: the first token is never predicted"),
+    # without --vocab-size the only bound on a token id is what int64 holds
+    (record(input_ids=[1, 99999999999999999999999, 3]), [],
+     f":2: field 'input_ids': token 99999999999999999999999 at index 1 is outside [0, {2**63})"),
+])
+def test_tree_stats_bad_file_exits_2_with_one_line(tmp_path, bad, extra, message):
+    path = write_lines(tmp_path / "bad.jsonl", [record(), bad])
+    result = run_tool("tree_stats.py", path, *extra)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
-        f"{path}:2: field 'loss_mask': loss_mask[0] must be 0: the first token is never predicted"
-    )
-    assert result.stdout == ""
-
-
-def test_tree_stats_token_beyond_int64_exits_2_with_one_line(tmp_path):
-    """Without --vocab-size the only bound on a token id is what int64 holds."""
-    path = write_lines(tmp_path / "big.jsonl", [record(input_ids=[1, 99999999999999999999999, 3])])
-    result = run_tool("tree_stats.py", path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
-        f"{path}:1: field 'input_ids': token 99999999999999999999999 at index 1 is outside [0, {2**63})"
-    )
+    assert result.stderr.strip() == f"{path}{message}"
     assert result.stdout == ""
 
 

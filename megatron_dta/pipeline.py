@@ -62,6 +62,11 @@ class Schedule:
         return 1.0 - self.busy / (len(self.orders) * self.makespan) if self.makespan else 0.0
 
 
+def event_tokens(events: list[tuple[Unit, bool]]) -> list[tuple[bool, int]]:
+    """A plan's events (``Plan.events``) as ``dfs_schedule`` takes them: (is_backward, tokens)."""
+    return [(backward, unit.num_tokens) for unit, backward in events]
+
+
 def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: int) -> Schedule:
     """List-schedule the events of every microbatch on ``stages`` stages.
 
@@ -184,7 +189,7 @@ class _Link:
 class StageExecutor(Executor):
     """The DTA executor on one pipeline stage: the traversal is inherited unchanged; the unit's
     forward and backward exchange hidden states with the neighbouring stages. ``key`` is the
-    (microbatch, event) being executed; ``connect`` sets up the inboxes for a schedule."""
+    (microbatch, event) being executed; ``connect`` sets up the links to the neighbours for a schedule."""
 
     def __init__(self, model, attention, activation_budget_tokens: int = 1 << 20, device="cpu"):
         super().__init__(model, attention, activation_budget_tokens, device)
@@ -304,7 +309,7 @@ def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, 
     runs = [engine.start(*forward_step_func(data_iterator, stage_model), forward_only=forward_only)
             for _ in range(num_microbatches)]
     events = [run.plan.events(forward_only) for run in runs]
-    schedule = dfs_schedule([[(b, u.num_tokens) for u, b in ev] for ev in events], stages,
+    schedule = dfs_schedule([event_tokens(ev) for ev in events], stages,
                             microbatches_in_flight or 2 * stages)
     ex.connect(schedule, events)
     results: list = [None] * num_microbatches

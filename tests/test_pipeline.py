@@ -14,7 +14,7 @@ import pytest
 import torch
 from reference import make_hf_model
 
-from megatron_dta.pipeline import dfs_schedule
+from megatron_dta.pipeline import dfs_schedule, event_tokens
 from megatron_dta.rollouts import make_rollout, write_rollouts
 from megatron_dta.synthetic import WORKLOADS, multi_turn, tree_search
 
@@ -284,7 +284,7 @@ def test_schedule_is_deadlock_free_interleaved_and_bounded_by_paths_in_flight(wo
         trees.setdefault(r.group, []).append(r)
     plans = [build_plan("dta", [r.input_ids for r in t], seq_offsets_of([len(r) for r in t]), 256)
              for t in trees.values()]
-    events = [[(b, u.num_tokens) for u, b in plan.events()] for plan in plans]
+    events = [event_tokens(plan.events()) for plan in plans]
     path_peak = max(dfs_schedule([ev], 1, 1).peak_kept_tokens[0] for ev in events)  # one DFS alone
     for p in (2, 3, 4):
         for k in (1, 2, p):

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from megatron_dta.model.config import ModelConfig
     from megatron_dta.model.transformer import Transformer
     from megatron_dta.parallel import ParallelLayout, shutdown
-    from megatron_dta.pipeline import dfs_schedule, forward_backward_pipelining_dfs
+    from megatron_dta.pipeline import dfs_schedule, event_tokens, forward_backward_pipelining_dfs
     from megatron_dta.synthetic import make_workload, parse_workload_args
 
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             if repeat:  # the first round is the warm-up
                 best[name] = min(best[name], time.perf_counter() - start)
     engine = Engine(stage, ecfg)
-    events = [[(b, u.num_tokens) for u, b in engine.plan(mb).events()] for mb in micro]
+    events = [event_tokens(engine.plan(mb).events()) for mb in micro]
     bubbles = {"pp1": 0.0, **{f"pp2_in_flight_{k}": dfs_schedule(events, 2, k).bubble for k in args.in_flight}}
     if layout.pp_rank == 0:
         tokens = sum(len(r) for r in rollouts)

@@ -20,13 +20,8 @@ import sys
 from itertools import pairwise
 
 from megatron_dta.engine.plan import build_plan, seq_offsets_of
-from megatron_dta.pipeline import dfs_schedule
+from megatron_dta.pipeline import dfs_schedule, event_tokens
 from megatron_dta.synthetic import WORKLOADS, make_workload, parse_workload_args
-
-
-def dfs_events(plan):
-    """[(is_backward, tokens)] of a plan's units in the executor's order (F u, children, B u)."""
-    return [(backward, unit.num_tokens) for unit, backward in plan.events()]
 
 
 def microbatches(rollouts, m: int):
@@ -57,7 +52,7 @@ def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int 
         if len(plans) in seen:  # m beyond the number of trees gives the same microbatches again
             continue
         seen.add(len(plans))
-        events = [dfs_events(plan) for plan in plans]
+        events = [event_tokens(plan.events()) for plan in plans]
         biggest = max(plan.computed_tokens for plan in plans)
         for p in stages:
             sched = dfs_schedule(events, p, in_flight or 2 * p)

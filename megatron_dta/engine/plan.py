@@ -74,14 +74,6 @@ class Plan:
                 todo.extend((k, False) for k in reversed(kids))
         return events
 
-    def walk(self):
-        todo = list(reversed(self.roots))
-        while todo:
-            u = todo.pop()
-            yield u
-            for kids in reversed(u.children):
-                todo.extend(reversed(kids))
-
 
 class _UnitBuilder:
     """Turns segments (node, start within node, length) of a forest into Units."""

@@ -101,7 +101,9 @@ def sdpa_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
     if gqa and (mask is not None or not q.is_cuda):
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)[0].transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)[
+        0
+    ].transpose(0, 1)
 
 
 # ---- cascade ---------------------------------------------------------------------------------
@@ -135,7 +137,10 @@ class _CascadeCPU(torch.autograd.Function):
         if spans is None:
             o2, l2 = _flash_cpu(q_1NTD, k_own, v_own, attn_mask=bias_TT)
         else:
-            parts = [_flash_cpu(q_1NTD[:, :, a:b], k_own[:, :, a:b], v_own[:, :, a:b], is_causal=True) for a, b in spans]
+            parts = [
+                _flash_cpu(q_1NTD[:, :, a:b], k_own[:, :, a:b], v_own[:, :, a:b], is_causal=True)
+                for a, b in spans
+            ]
             o2, l2 = torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
         out, lse = _merge(o1, l1, o2, l2)
         ctx.save_for_backward(q_1NTD, k_1KSD, v_1KSD, out, lse, bias_TT)
@@ -151,8 +156,12 @@ class _CascadeCPU(torch.autograd.Function):
         if spans is None:
             dq2, dk2, dv2 = _flash_cpu_backward(dout, q, k_own, v_own, out, lse, 0.0, False, attn_mask=bias)
         else:
-            parts = [_flash_cpu_backward(*(t[:, :, a:b].contiguous() for t in (dout, q, k_own, v_own, out, lse)),
-                                         0.0, True) for a, b in spans]
+            parts = [
+                _flash_cpu_backward(
+                    *(t[:, :, a:b].contiguous() for t in (dout, q, k_own, v_own, out, lse)), 0.0, True
+                )
+                for a, b in spans
+            ]
             dq2, dk2, dv2 = (torch.cat(g, 2) for g in zip(*parts))
         return dq + dq2, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2), None, None, None
 
@@ -166,8 +175,10 @@ def cascade_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
         key = ("cascade", q_TND.device)
         if key not in spec.cache:
             T = spec.own_len
-            spec.cache[key] = (_flex_mask(P, T, 0, None, None, q_TND.device),
-                               _flex_mask(0, T, T, spec.seg_in, spec.seg_out, q_TND.device))
+            spec.cache[key] = (
+                _flex_mask(P, T, 0, None, None, q_TND.device),
+                _flex_mask(0, T, T, spec.seg_in, spec.seg_out, q_TND.device),
+            )
         pre, own = spec.cache[key]
         o1, l1 = _flex_call(q_TND, k_SKD[:P], v_SKD[:P], pre, lse=True)
         o2, l2 = _flex_call(q_TND, k_SKD[P:], v_SKD[P:], own, lse=True)
@@ -244,10 +255,15 @@ def _flex_mask(P: int, T: int, n_own: int, seg_in, seg_out, device) -> _FlexMask
         qi = torch.arange(a, min(Tq, a + rows), device=device)
         vis = _visible(qi[:, None], ki[None, :], meta, s_in, s_out).view(-1, _BLOCK, nk, _BLOCK)
         some, every = vis.any(3).any(1), vis.all(3).all(1)
-        full[a // _BLOCK: a // _BLOCK + len(some)] = every
-        partial[a // _BLOCK: a // _BLOCK + len(some)] = some & ~every
-    bm = BlockMask.from_kv_blocks(*_ordered_blocks(partial), *_ordered_blocks(full), BLOCK_SIZE=_BLOCK,
-                                  mask_mod=mask_mod, seq_lengths=(Tq, S))
+        full[a // _BLOCK : a // _BLOCK + len(some)] = every
+        partial[a // _BLOCK : a // _BLOCK + len(some)] = some & ~every
+    bm = BlockMask.from_kv_blocks(
+        *_ordered_blocks(partial),
+        *_ordered_blocks(full),
+        BLOCK_SIZE=_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(Tq, S),
+    )
     return _FlexMask(bm, Tq, S)
 
 
@@ -275,10 +291,15 @@ def _flex_fn(device_type: str):
 def _flex_call(q_TND, k_SKD, v_SKD, fm: _FlexMask, lse: bool = False):
     """Flex attention on lengths padded to ``fm``'s buckets; returns [T, N, D] (and lse [T, N])."""
     T = q_TND.shape[0]
-    if q_TND.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q_TND, k_SKD, v_SKD)):
+    if (
+        q_TND.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q_TND, k_SKD, v_SKD))
+    ):
         raise AttentionBackendUnavailable(
             "attention.backend 'flex' has no backward on CPU (torch's CPU flex attention is inference-only); "
-            "use attention.backend sdpa or cascade on CPU")
+            "use attention.backend sdpa or cascade on CPU"
+        )
 
     def padded(x, n):  # [tokens, heads, D] -> [1, heads, n, D]
         return F.pad(x, (0, 0, 0, 0, 0, n - x.shape[0])).transpose(0, 1)[None]
@@ -332,7 +353,9 @@ def _varlen(spec: AttnSpec, device) -> _Varlen | None:
             rows = None
             if len(runs) > 1 and P:
                 prefix = torch.arange(P)
-                rows = torch.cat([torch.cat([prefix, P + s + torch.arange(n)]) for s, n in zip(starts.tolist(), runs)])
+                rows = torch.cat(
+                    [torch.cat([prefix, P + s + torch.arange(n)]) for s, n in zip(starts.tolist(), runs)]
+                )
                 rows = rows.to(device)
             cu = lambda lens: F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)
             lay = _Varlen(cu(lens_q), cu(lens_kv), max(runs), max(runs) + P, rows)
@@ -353,7 +376,8 @@ def _import(module: str, backend: str, what: str):
         raise AttentionBackendUnavailable(
             f"attention.backend '{backend}' needs {what}, but importing {module} failed "
             f"({type(e).__name__}: {e}). Install it on a CUDA machine, or choose attention.backend "
-            f"sdpa, cascade or flex.") from None
+            f"sdpa, cascade or flex."
+        ) from None
 
 
 _TE_MODULES: dict = {}
@@ -369,14 +393,26 @@ def te_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
     if key not in _TE_MODULES:
         te = _import("transformer_engine.pytorch", "te", "NVIDIA Transformer Engine")
         _TE_MODULES[key] = te.DotProductAttention(
-            N, D, num_gqa_groups=k_SKD.shape[1], attention_dropout=0.0, qkv_format="thd",
-            attn_mask_type="padding_causal_bottom_right")
+            N,
+            D,
+            num_gqa_groups=k_SKD.shape[1],
+            attention_dropout=0.0,
+            qkv_format="thd",
+            attn_mask_type="padding_causal_bottom_right",
+        )
     if lay.kv_rows is not None:
         k_SKD, v_SKD = k_SKD[lay.kv_rows], v_SKD[lay.kv_rows]
-    out = _TE_MODULES[key](q_TND.contiguous(), k_SKD.contiguous(), v_SKD.contiguous(),
-                           cu_seqlens_q=lay.cu_q, cu_seqlens_kv=lay.cu_kv, max_seqlen_q=lay.max_q,
-                           max_seqlen_kv=lay.max_kv, qkv_format="thd",
-                           attn_mask_type="padding_causal_bottom_right")
+    out = _TE_MODULES[key](
+        q_TND.contiguous(),
+        k_SKD.contiguous(),
+        v_SKD.contiguous(),
+        cu_seqlens_q=lay.cu_q,
+        cu_seqlens_kv=lay.cu_kv,
+        max_seqlen_q=lay.max_q,
+        max_seqlen_kv=lay.max_kv,
+        qkv_format="thd",
+        attn_mask_type="padding_causal_bottom_right",
+    )
     return out.view(T, N, D)
 
 
@@ -388,12 +424,23 @@ def flash_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
     if q_TND.dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendUnavailable(
             f"attention.backend 'flash' runs float16/bfloat16 only, the model is {q_TND.dtype}; "
-            "choose attention.backend sdpa, cascade or flex")
+            "choose attention.backend sdpa, cascade or flex"
+        )
     fa = _import("flash_attn", "flash", "flash-attn >= 2.1")
     if lay.kv_rows is not None:
         k_SKD, v_SKD = k_SKD[lay.kv_rows], v_SKD[lay.kv_rows]
-    return fa.flash_attn_varlen_func(q_TND, k_SKD, v_SKD, lay.cu_q, lay.cu_kv, lay.max_q, lay.max_kv,
-                                     dropout_p=0.0, softmax_scale=1 / math.sqrt(q_TND.shape[-1]), causal=True)
+    return fa.flash_attn_varlen_func(
+        q_TND,
+        k_SKD,
+        v_SKD,
+        lay.cu_q,
+        lay.cu_kv,
+        lay.max_q,
+        lay.max_kv,
+        dropout_p=0.0,
+        softmax_scale=1 / math.sqrt(q_TND.shape[-1]),
+        causal=True,
+    )
 
 
 # ---- selection -------------------------------------------------------------------------------
@@ -406,8 +453,13 @@ def auto_cuda_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
     return (flex_attention if use_flex else sdpa_attention)(q_TND, k_SKD, v_SKD, spec)
 
 
-BACKENDS = {"sdpa": sdpa_attention, "cascade": cascade_attention, "flex": flex_attention,
-            "te": te_attention, "flash": flash_attention}
+BACKENDS = {
+    "sdpa": sdpa_attention,
+    "cascade": cascade_attention,
+    "flex": flex_attention,
+    "te": te_attention,
+    "flash": flash_attention,
+}
 
 
 def _check_available(name: str, device_type: str) -> None:
@@ -416,7 +468,8 @@ def _check_available(name: str, device_type: str) -> None:
         return
     if device_type != "cuda":
         raise AttentionBackendUnavailable(
-            f"attention.backend '{name}' runs on CUDA only (device is {device_type}); choose sdpa or cascade")
+            f"attention.backend '{name}' runs on CUDA only (device is {device_type}); choose sdpa or cascade"
+        )
     if name == "te":
         _import("transformer_engine.pytorch", "te", "NVIDIA Transformer Engine")
     else:
@@ -424,7 +477,9 @@ def _check_available(name: str, device_type: str) -> None:
         major, minor = (int(x) for x in fa.__version__.split(".")[:2])
         if (major, minor) < (2, 1):
             raise AttentionBackendUnavailable(
-                f"attention.backend 'flash' needs flash-attn >= 2.1 (bottom-right causal), found {fa.__version__}")
+                f"attention.backend 'flash' needs flash-attn >= 2.1 "
+                f"(bottom-right causal), found {fa.__version__}"
+            )
 
 
 def get_attention_backend(name: str = "auto", device: str = "cpu"):

@@ -124,8 +124,9 @@ class CostModel:
     def features(forest: PrefixForest) -> np.ndarray:
         """[5] features of one microbatch holding the rollouts of ``forest``, in ``FEATURES`` order."""
         pairs = sum(_triangle(n.end) - _triangle(n.offset) for n in forest.nodes)
-        return np.array([forest.unique_tokens, pairs, len(forest.nodes), len(forest.sequences), 1],
-                        dtype=np.float64)
+        return np.array(
+            [forest.unique_tokens, pairs, len(forest.nodes), len(forest.sequences), 1], dtype=np.float64
+        )
 
     def predict(self, forest_or_features: PrefixForest | np.ndarray) -> float | np.ndarray:
         """Seconds for a forest, a feature vector [5], or a matrix of them [rows, 5]."""
@@ -142,9 +143,15 @@ class CostModel:
         """
         features_RF = np.asarray(features_RF, dtype=np.float64)
         seconds_R = np.asarray(seconds_R, dtype=np.float64)
-        if features_RF.ndim != 2 or features_RF.shape[1] != len(FEATURES) or len(features_RF) != len(seconds_R):
-            raise ValueError(f"fit needs features [rows, {len(FEATURES)}] and one time per row, got "
-                             f"{features_RF.shape} and {seconds_R.shape}")
+        if (
+            features_RF.ndim != 2
+            or features_RF.shape[1] != len(FEATURES)
+            or len(features_RF) != len(seconds_R)
+        ):
+            raise ValueError(
+                f"fit needs features [rows, {len(FEATURES)}] and one time per row, got "
+                f"{features_RF.shape} and {seconds_R.shape}"
+            )
         if not np.all(seconds_R > 0):
             raise ValueError("every measured time must be > 0 seconds")
         coef = nnls(features_RF / seconds_R[:, None], np.ones(len(seconds_R)))
@@ -159,8 +166,10 @@ class CostModel:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         if not isinstance(data, dict) or set(data) - known:
-            raise ValueError(f"{path}: a cost model file is a JSON object with keys among {sorted(known)}; "
-                             f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+            raise ValueError(
+                f"{path}: a cost model file is a JSON object with keys among {sorted(known)}; "
+                f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+            )
         return cls(**data)
 
 
@@ -211,8 +220,9 @@ class _Layout:
         self.trees = list(zip(starts.tolist(), [*starts[1:].tolist(), n]))
         self.unique_tokens = int(self.cum_tokens[-1]) if n else 0
         # What any two pieces of a tree share: its root node (the least shared by DFS neighbours).
-        self.tree_root_cost = np.array([self.shared_cost[a + 1:b].min(initial=np.inf) if b - a > 1 else 0.0
-                                        for a, b in self.trees])
+        self.tree_root_cost = np.array(
+            [self.shared_cost[a + 1 : b].min(initial=np.inf) if b - a > 1 else 0.0 for a, b in self.trees]
+        )
 
     def cost(self, a: int, b: int) -> float:
         """Cost of the contiguous positions [a, b) without the microbatch constant."""
@@ -249,22 +259,24 @@ class _Layout:
         """[b - a] cost of the common prefix of rollout x (< a) and each rollout in [a, b)."""
         if x is None:
             return np.zeros(b - a)
-        lcp = np.minimum.accumulate(self.lcp[x + 1:b])[a - x - 1:]
-        depth = np.minimum.accumulate(self.lca_depth[x + 1:b])[a - x - 1:]
+        lcp = np.minimum.accumulate(self.lcp[x + 1 : b])[a - x - 1 :]
+        depth = np.minimum.accumulate(self.lca_depth[x + 1 : b])[a - x - 1 :]
         return self._shared_cost(lcp, depth)
 
     def shared_to(self, a: int, b: int, y: int | None) -> np.ndarray:
         """[b - a] cost of the common prefix of each rollout in [a, b) and rollout y (>= b)."""
         if y is None:
             return np.zeros(b - a)
-        lcp = np.minimum.accumulate(self.lcp[a + 1:y + 1][::-1])[::-1][:b - a]
-        depth = np.minimum.accumulate(self.lca_depth[a + 1:y + 1][::-1])[::-1][:b - a]
+        lcp = np.minimum.accumulate(self.lcp[a + 1 : y + 1][::-1])[::-1][: b - a]
+        depth = np.minimum.accumulate(self.lca_depth[a + 1 : y + 1][::-1])[::-1][: b - a]
         return self._shared_cost(lcp, depth)
 
     def fitting_prefix(self, a: int, b: int, max_cost: float, max_tokens: float) -> int:
         """Rollouts k >= 1 in the longest piece [a, a + k) within both limits (at least one)."""
         kc = np.searchsorted(self.cum_cost[a:b], max_cost - self.full_cost[a] + self.cum_cost[a], "right")
-        kt = np.searchsorted(self.cum_tokens[a:b], max_tokens - self.full_NF[a, 0] + self.cum_tokens[a], "right")
+        kt = np.searchsorted(
+            self.cum_tokens[a:b], max_tokens - self.full_NF[a, 0] + self.cum_tokens[a], "right"
+        )
         return max(1, int(min(kc, kt)))
 
     def rest_starts(self, a: int, b: int, max_cost: float, max_tokens: float) -> list[int]:
@@ -276,13 +288,17 @@ class _Layout:
         """
         starts, d = [], b
         while d > a:
-            c = max(np.searchsorted(self.slack_cost[a:d], self.cum_cost[d - 1] - max_cost),
-                    np.searchsorted(self.slack_tokens[a:d], self.cum_tokens[d - 1] - max_tokens))
+            c = max(
+                np.searchsorted(self.slack_cost[a:d], self.cum_cost[d - 1] - max_cost),
+                np.searchsorted(self.slack_tokens[a:d], self.cum_tokens[d - 1] - max_tokens),
+            )
             d = min(d - 1, a + int(c))
             starts.append(d)
         return starts
 
-    def cut(self, a: int, b: int, max_cost: float = math.inf, max_tokens: float = math.inf) -> list[tuple[int, int]]:
+    def cut(
+        self, a: int, b: int, max_cost: float = math.inf, max_tokens: float = math.inf
+    ) -> list[tuple[int, int]]:
         """Cut [a, b) into the fewest pieces within both limits (a rollout over them stays whole).
 
         Left to right, each cut is the one duplicating the fewest tokens (the latest on ties) among
@@ -309,23 +325,26 @@ class _Layout:
             if b - a < 2 or (self.cost(a, b) <= max_cost and self.tokens(a, b) <= max_tokens):
                 out.append((a, b))
                 continue
-            inner = self.lcp[a + 1:b]
+            inner = self.lcp[a + 1 : b]
             bounds = [a, *(a + 1 + np.flatnonzero(inner == inner.min())).tolist(), b]
             todo += itertools.pairwise(bounds)
         return sorted(out)
 
     def cheapest_cut(self, lo: int, hi: int) -> int:
         """The cut position e in [lo, hi] duplicating the fewest tokens (lcp[e]); the last on ties."""
-        return hi - int(np.argmin(self.lcp[lo:hi + 1][::-1]))
+        return hi - int(np.argmin(self.lcp[lo : hi + 1][::-1]))
 
     def pieces_needed(self, a: int, b: int, max_cost: float, max_tokens: float) -> int:
         """A lower bound on the pieces any split of tree [a, b) within the limits has: every piece
         after the first recomputes at least the tree's root node."""
         if b - a < 2:
             return 1
-        root_cost, root_tokens = self.shared_cost[a + 1:b].min(), self.lcp[a + 1:b].min()
+        root_cost, root_tokens = self.shared_cost[a + 1 : b].min(), self.lcp[a + 1 : b].min()
         need = 1
-        for total, limit, root in ((self.cost(a, b), max_cost, root_cost), (self.tokens(a, b), max_tokens, root_tokens)):
+        for total, limit, root in (
+            (self.cost(a, b), max_cost, root_cost),
+            (self.tokens(a, b), max_tokens, root_tokens),
+        ):
             if total > limit:
                 need = max(need, math.ceil((total - root) / (limit - root)) if limit > root else b - a)
         return min(need, b - a)
@@ -360,7 +379,7 @@ class BalancePlan:
     def for_rank(self, rank: int) -> list[list[int]]:
         """The rollout indices of each of ``rank``'s microbatches, in order."""
         k = self.num_microbatches
-        return [mb.sequences for mb in self.microbatches[rank * k:(rank + 1) * k]]
+        return [mb.sequences for mb in self.microbatches[rank * k : (rank + 1) * k]]
 
     def to_json(self) -> dict:
         return {
@@ -567,6 +586,7 @@ class _Assignment:
         def undo():
             self.set(u, old_u)
             self.set(v, old_v)
+
         return self.owner[v], undo
 
     def _move_or_swap(self, r: int, s: int) -> list:
@@ -603,6 +623,7 @@ class _Assignment:
             if v is not None:
                 self.take(v)
                 self.put(v, s)
+
         return s, undo
 
     def _cut_to(self, r: int, s: int, cap: float) -> list:
@@ -628,8 +649,16 @@ class _Assignment:
             pre_gain = pre - before[0] - after[e - 1 - a] + both
             suf_gain = suf - before[e - a] - after[-1] + both
             for moves_prefix, gain, keep in ((True, pre_gain, suf), (False, suf_gain, pre)):
-                rows.append((np.full(len(e), u), e, np.full(len(e), moves_prefix),
-                             lr - self.cost[u] + keep, ls + gain, lay.lcp[e]))
+                rows.append(
+                    (
+                        np.full(len(e), u),
+                        e,
+                        np.full(len(e), moves_prefix),
+                        lr - self.cost[u] + keep,
+                        ls + gain,
+                        lay.lcp[e],
+                    )
+                )
         if not rows:
             return []
         unit, e, moves_prefix, new_r, new_s, dup = (np.concatenate(c) for c in zip(*rows))
@@ -644,8 +673,10 @@ class _Assignment:
         mode = np.select([worst <= cap, fills, worst < lr], [0, 1, 2], 3)
         best = [int(k) for k in np.lexsort((worst, dup, mode)) if mode[k] < 3][:64]
         picked = [divmod(k, len(back)) for k in best]
-        return [lambda i=i, j=j: self._apply_cut(r, s, int(unit[i]), int(e[i]), bool(moves_prefix[i]), back[j])
-                for i, j in picked]
+        return [
+            lambda i=i, j=j: self._apply_cut(r, s, int(unit[i]), int(e[i]), bool(moves_prefix[i]), back[j])
+            for i, j in picked
+        ]
 
     def _apply_cut(self, r: int, s: int, u: int, e: int, moves_prefix: bool, v: int | None):
         whole = self.units[u]
@@ -668,6 +699,7 @@ class _Assignment:
             self.take(u)
             self.put(u, r)
             self.set(u, whole)
+
         return s, undo
 
 
@@ -703,7 +735,7 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
         for u in sorted(asg.on[r], key=lambda u: asg.units[u]):
             a, b = asg.units[u]
             tree, tokens = int(lay.tree_of[a]), lay.tokens(a, b)
-            shared = int(lay.lcp[last_end:a + 1].min()) if tree == last_tree else 0
+            shared = int(lay.lcp[last_end : a + 1].min()) if tree == last_tree else 0
             if tree == last_tree and items[-1][0] + tokens - shared <= max_tokens:
                 items[-1] = (items[-1][0] + tokens - shared, items[-1][1] + [u])
             else:
@@ -729,7 +761,9 @@ def _pack(asg: _Assignment, max_tokens: float) -> list[list[list[int]]]:
     return bins_by_rank
 
 
-def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[int]]], donors: list[int]) -> bool:
+def _add_microbatch(
+    asg: _Assignment, rank: int, bins_by_rank: list[list[list[int]]], donors: list[int]
+) -> bool:
     """One more microbatch on ``rank``, by the first that applies: split its fullest multi-unit
     microbatch (free); take the cheapest unit from a multi-unit microbatch of the most loaded rank
     that has one, if that costs less than the cheapest cut; cut a unit where it duplicates the
@@ -747,7 +781,7 @@ def _add_microbatch(asg: _Assignment, rank: int, bins_by_rank: list[list[list[in
             else:
                 second.append(u)
                 t2 += lay.tokens(*asg.units[u])
-        bins[i:i + 1] = [first, second]
+        bins[i : i + 1] = [first, second]
         return True
     cut = None  # (duplicated cost, unit, position)
     for u in (b[0] for b in bins if b):
@@ -792,8 +826,11 @@ def _plan(asg: _Assignment, max_tokens: float, tolerance: float = DEFAULT_TOLERA
     # A plan whose ranks cost at most (1 + tolerance) x this plan's mean cuts every tree into at
     # least pieces_needed pieces, each after the first recomputing at least the tree's root node.
     cap = (rank_costs.mean() - k * lay.model.constant) * (1 + tolerance)
-    dup_bound = sum((lay.pieces_needed(a, b, cap, max_tokens) - 1) * int(lay.lcp[a + 1:b].min())
-                    for a, b in lay.trees if b - a > 1)
+    dup_bound = sum(
+        (lay.pieces_needed(a, b, cap, max_tokens) - 1) * int(lay.lcp[a + 1 : b].min())
+        for a, b in lay.trees
+        if b - a > 1
+    )
     return BalancePlan(
         microbatches=microbatches,
         microbatch_tokens=mb_tokens,
@@ -854,11 +891,14 @@ def balance(
         plans.append(_plan(asg, max_tokens, tolerance))
     # The shortest step (most loaded rank); the fewest duplicated tokens among ties.
     step = min(p.rank_costs.max() for p in plans)
-    return min((p for p in plans if p.rank_costs.max() <= step * (1 + 1e-3)), key=lambda p: p.duplicated_tokens)
+    return min(
+        (p for p in plans if p.rank_costs.max() <= step * (1 + 1e-3)), key=lambda p: p.duplicated_tokens
+    )
 
 
-def round_robin(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
-                cost_model: CostModel | None = None) -> BalancePlan:
+def round_robin(
+    batch, ranks: int, max_tokens_per_microbatch: int | None = None, cost_model: CostModel | None = None
+) -> BalancePlan:
     """Baseline: rollout i on rank i mod ranks, trees ignored."""
     max_tokens = _check(ranks, max_tokens_per_microbatch)
     layout = _Layout(_as_forest(batch), cost_model or CostModel())
@@ -871,8 +911,9 @@ def round_robin(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
     return _plan(asg, max_tokens)
 
 
-def token_count_greedy(batch, ranks: int, max_tokens_per_microbatch: int | None = None,
-                       cost_model: CostModel | None = None) -> BalancePlan:
+def token_count_greedy(
+    batch, ranks: int, max_tokens_per_microbatch: int | None = None, cost_model: CostModel | None = None
+) -> BalancePlan:
     """Baseline (AReaL-DTA's production balancer): whole trees, largest unique-token count first onto
     the rank with the fewest tokens; trees are cut only to fit a microbatch."""
     max_tokens = _check(ranks, max_tokens_per_microbatch)

@@ -48,10 +48,13 @@ def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed
     hf_cfg = config_to_hf(cfg)
     hf_cfg.pop("architectures")
     config = transformers.AutoConfig.for_model(**hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(
+        device
+    )
     loss_fn = PolicyLoss()
     table = loss_fn.token_table(rollouts)
     if not packed:
+
         def step():
             offset = 0
             for r in rollouts:
@@ -62,12 +65,15 @@ def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed
                 loss, _ = loss_fn.terms(lp, None, {k: v[sl].to(device) for k, v in table.items()})
                 loss.backward()
                 offset += len(r)
+
         return model, step
 
     forest = PrefixForest([r.input_ids for r in rollouts])
     pk = forest.packed()
     mask = torch.as_tensor(pk.dense_mask(), device=device)
-    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)[None, None]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)[
+        None, None
+    ]
     ids = torch.as_tensor(pk.input_ids, device=device)[None]
     pos = torch.as_tensor(pk.position_ids, device=device)[None]
     # (token row predicting, target) for each (rollout, position): gather as the engine does
@@ -89,11 +95,21 @@ def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed
         lp = torch.log_softmax(logits.float(), -1)[rows_t, tgt_t]
         loss, _ = loss_fn.terms(lp, None, {k: v[flat_t].to(device) for k, v in table.items()})
         loss.backward()
+
     return model, step
 
 
-def run_mode(mode: str, cfg: ModelConfig, rollouts: list[Rollout], steps: int, dtype: str, device: str,
-             block_size: int = 2048, max_tokens_per_microbatch: int | None = None, hf_dir: str | None = None) -> dict:
+def run_mode(
+    mode: str,
+    cfg: ModelConfig,
+    rollouts: list[Rollout],
+    steps: int,
+    dtype: str,
+    device: str,
+    block_size: int = 2048,
+    max_tokens_per_microbatch: int | None = None,
+    hf_dir: str | None = None,
+) -> dict:
     """Median seconds per forward+backward step and memory of one mode; 1 warm-up step first."""
     from megatron_dta.model.transformer import Transformer
     from megatron_dta.parallel import ParallelLayout
@@ -110,8 +126,13 @@ def run_mode(mode: str, cfg: ModelConfig, rollouts: list[Rollout], steps: int, d
             model, _ = load_hf_checkpoint(hf_dir, dtype=tdtype, device=device)
         else:
             model = Transformer(cfg, dtype=tdtype, device=device)
-        engine = Engine(model, EngineConfig(mode=mode, block_size=block_size,
-                                            max_tokens_per_microbatch=max_tokens_per_microbatch), device=device)
+        engine = Engine(
+            model,
+            EngineConfig(
+                mode=mode, block_size=block_size, max_tokens_per_microbatch=max_tokens_per_microbatch
+            ),
+            device=device,
+        )
 
         def step():
             engine.forward_backward(rollouts)
@@ -132,5 +153,10 @@ def run_mode(mode: str, cfg: ModelConfig, rollouts: list[Rollout], steps: int, d
     total = sum(len(r) for r in rollouts)
     sec = statistics.median(times)
     peak = meter.peak()
-    return {"seconds_per_step": sec, "tokens_per_second": total / sec, "peak_memory_bytes": peak,
-            "step_memory_bytes": peak - before, "steps": steps}
+    return {
+        "seconds_per_step": sec,
+        "tokens_per_second": total / sec,
+        "peak_memory_bytes": peak,
+        "step_memory_bytes": peak - before,
+        "steps": steps,
+    }

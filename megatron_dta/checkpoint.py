@@ -108,7 +108,7 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if self.cfg.keep_last is not None:
-                for old in complete_checkpoints(self.cfg.run_dir)[:-self.cfg.keep_last]:
+                for old in complete_checkpoints(self.cfg.run_dir)[: -self.cfg.keep_last]:
                     shutil.rmtree(old)
         dist.barrier()
         return final
@@ -121,7 +121,9 @@ class Checkpointer:
         optimizer.load(path / "optimizer")
         rng = path / f"rng_rank{self.layout.rank}.pt"
         if not rng.is_file():
-            raise ValueError(f"{path}: no RNG state for rank {self.layout.rank}: resume with the world size "
-                             "the checkpoint was written with")
+            raise ValueError(
+                f"{path}: no RNG state for rank {self.layout.rank}: resume with the world size "
+                "the checkpoint was written with"
+            )
         _set_rng_state(torch.load(rng, weights_only=False))
         return torch.load(path / "state.pt", weights_only=False)

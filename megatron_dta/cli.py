@@ -38,41 +38,82 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megatron-dta", description=__doc__, formatter_class=fmt)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train for the configured steps", formatter_class=fmt, epilog=CONFIG_HELP,
-                       description="Train on a rollout file or a synthetic workload. Writes RUN_DIR/metrics.jsonl "
-                                   "(one JSON object per step), RUN_DIR/config.yaml and checkpoints under "
-                                   "RUN_DIR/checkpoints (RUN_DIR is checkpoint.run_dir).")
-    t.add_argument("--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in checkpoint.run_dir (from scratch if none)")
-    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's")
+    t = sub.add_parser(
+        "train",
+        help="train for the configured steps",
+        formatter_class=fmt,
+        epilog=CONFIG_HELP,
+        description="Train on a rollout file or a synthetic workload. Writes RUN_DIR/metrics.jsonl "
+        "(one JSON object per step), RUN_DIR/config.yaml and checkpoints under "
+        "RUN_DIR/checkpoints (RUN_DIR is checkpoint.run_dir).",
+    )
+    t.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)"
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in checkpoint.run_dir (from scratch if none)",
+    )
+    t.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
+    )
 
-    lp = sub.add_parser("logprobs", help="forward-only log-probs and entropy of a rollout file", formatter_class=fmt,
-                        epilog=CONFIG_HELP,
-                        description="No-grad DTA forward of the config's model over a rollout file; writes each "
-                                    "rollout back with 'logprobs' and 'entropy' (one per token, entry 0 = 0.0), "
-                                    "e.g. to fill old_logprobs or ref_logprobs.")
-    lp.add_argument("--config", metavar="FILE.yaml", help="YAML config: its model, train.dtype, parallel, engine and "
-                    "data.microbatch_tokens are used (default: the built-in demo config)")
+    lp = sub.add_parser(
+        "logprobs",
+        help="forward-only log-probs and entropy of a rollout file",
+        formatter_class=fmt,
+        epilog=CONFIG_HELP,
+        description="No-grad DTA forward of the config's model over a rollout file; writes each "
+        "rollout back with 'logprobs' and 'entropy' (one per token, entry 0 = 0.0), "
+        "e.g. to fill old_logprobs or ref_logprobs.",
+    )
+    lp.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML config: its model, train.dtype, parallel, engine and "
+        "data.microbatch_tokens are used (default: the built-in demo config)",
+    )
     lp.add_argument("--rollouts", required=True, metavar="IN.jsonl", help="rollout file to score")
     lp.add_argument("--out", required=True, metavar="OUT.jsonl", help="where to write the scored rollouts")
-    lp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's")
+    lp.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
+    )
 
-    ex = sub.add_parser("export", help="a trained checkpoint as an HF checkpoint directory", formatter_class=fmt,
-                        description="Copy the model of a complete checkpoint of a run out as an HF checkpoint "
-                                    "(config.json + model.safetensors) that transformers loads.")
-    ex.add_argument("--run-dir", required=True, metavar="DIR", help="the run's directory (checkpoint.run_dir)")
-    ex.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest complete one)")
+    ex = sub.add_parser(
+        "export",
+        help="a trained checkpoint as an HF checkpoint directory",
+        formatter_class=fmt,
+        description="Copy the model of a complete checkpoint of a run out as an HF checkpoint "
+        "(config.json + model.safetensors) that transformers loads.",
+    )
+    ex.add_argument(
+        "--run-dir", required=True, metavar="DIR", help="the run's directory (checkpoint.run_dir)"
+    )
+    ex.add_argument(
+        "--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest complete one)"
+    )
     ex.add_argument("--hf-out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                    help="convert the weights (default: the training dtype)")
+    ex.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="convert the weights (default: the training dtype)",
+    )
 
-    d = sub.add_parser("demo", help="train the tiny CPU demo, then time dta against dense", formatter_class=fmt,
-                       description="Train the built-in default config (tiny model, synthetic multi-turn workload, "
-                                   "CPU), print the loss by step, then time one forward+backward of the same batch "
-                                   "in dense and dta modes and print the speed-up.")
-    d.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="where the demo run goes (default: %(default)s;"
-                   " replaced)")
+    d = sub.add_parser(
+        "demo",
+        help="train the tiny CPU demo, then time dta against dense",
+        formatter_class=fmt,
+        description="Train the built-in default config (tiny model, synthetic multi-turn workload, "
+        "CPU), print the loss by step, then time one forward+backward of the same batch "
+        "in dense and dta modes and print the speed-up.",
+    )
+    d.add_argument(
+        "--run-dir",
+        default="runs/demo",
+        metavar="DIR",
+        help="where the demo run goes (default: %(default)s; replaced)",
+    )
     return ap
 
 

@@ -47,11 +47,15 @@ class ModelSection:
 
     def __post_init__(self):
         if self.preset is not None and self.hf_checkpoint is not None:
-            raise ValueError("set at most one of model.preset (random init) and model.hf_checkpoint "
-                             "(a local HF directory); set the other to null")
+            raise ValueError(
+                "set at most one of model.preset (random init) and model.hf_checkpoint "
+                "(a local HF directory); set the other to null"
+            )
         if self.hf_checkpoint is not None and self.arch:
-            raise ValueError(f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
-                             "remove model.arch or use model.preset")
+            raise ValueError(
+                f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
+                "remove model.arch or use model.preset"
+            )
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
         if self.hf_checkpoint is None:
@@ -87,7 +91,10 @@ class ParallelConfig:
         if self.pp < 1:
             raise ValueError(f"parallel.pp must be >= 1, got {self.pp}")
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
-            raise ValueError(f"parallel.microbatches_in_flight must be >= 1 or null (pp), got {self.microbatches_in_flight}")
+            raise ValueError(
+                f"parallel.microbatches_in_flight must be >= 1 or null (pp), "
+                f"got {self.microbatches_in_flight}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
 
@@ -119,13 +126,19 @@ class Config:
 
     def __post_init__(self):
         if self.optimizer.backend == "deepspeed" and self.train.dtype == "float64":
-            raise ValueError("optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
-                             "would not be float64: use optimizer.backend=torch or train.dtype=float32")
+            raise ValueError(
+                "optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
+                "would not be float64: use optimizer.backend=torch or train.dtype=float32"
+            )
         if self.parallel.pp > 1 and self.optimizer.backend != "torch":
-            raise ValueError(f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
-                             f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1")
+            raise ValueError(
+                f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
+                f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
+            )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
-            raise ValueError("optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU")
+            raise ValueError(
+                "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -145,8 +158,9 @@ class Config:
                 where = f"{path}:{mark.line + 1}" if mark else str(path)
                 raise ConfigError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
             if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), "
-                                  f"got {type(raw).__name__}")
+                raise ConfigError(
+                    f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}"
+                )
         origin = {}
         for item in overrides:
             key, value = _parse_override(item)
@@ -205,14 +219,20 @@ def _reject_unknown(values: dict, hints: dict, source: str, origin: dict, prefix
             close = difflib.get_close_matches(str(key), hints, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             where = origin.get(f"{prefix}{key}") or next(
-                (w for k, w in origin.items() if not prefix and k.split(".")[0] == key), source)
-            raise ConfigError(f"{where}: unknown {kind} '{prefix}{key}'{hint}; valid {kind}s"
-                              f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(hints)}")
+                (w for k, w in origin.items() if not prefix and k.split(".")[0] == key), source
+            )
+            raise ConfigError(
+                f"{where}: unknown {kind} '{prefix}{key}'{hint}; valid {kind}s"
+                f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(hints)}"
+            )
 
 
 def _build(section_cls, values: dict, name: str, source: str, origin: dict):
-    hints = {k: v for k, v in typing.get_type_hints(section_cls).items()
-             if k in {f.name for f in dataclasses.fields(section_cls) if f.init}}
+    hints = {
+        k: v
+        for k, v in typing.get_type_hints(section_cls).items()
+        if k in {f.name for f in dataclasses.fields(section_cls) if f.init}
+    }
     _reject_unknown(values, hints, source, origin, name + ".", "key")
     kwargs = {}
     for key, value in values.items():
@@ -239,7 +259,9 @@ def _coerce(value, hint):
                 return _coerce(value, option)
             except TypeError:
                 pass
-        raise TypeError(" or ".join(_describe(a) for a in options) + (" or null" if type(None) in args else ""))
+        raise TypeError(
+            " or ".join(_describe(a) for a in options) + (" or null" if type(None) in args else "")
+        )
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -270,5 +292,10 @@ def _coerce(value, hint):
 def _describe(hint) -> str:
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(typing.get_args(hint))} values"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
-        hint, str(hint))
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+    }.get(hint, str(hint))

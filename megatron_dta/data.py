@@ -36,17 +36,25 @@ class DataConfig:
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):
-            raise ValueError("set exactly one of data.rollouts (a JSONL file) and data.workload "
-                             f"(one of {sorted(WORKLOADS)}); set the other to null")
+            raise ValueError(
+                "set exactly one of data.rollouts (a JSONL file) and data.workload "
+                f"(one of {sorted(WORKLOADS)}); set the other to null"
+            )
         if self.workload is not None and self.workload not in WORKLOADS:
             raise ValueError(f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}")
         if self.rollouts_per_step is not None and self.rollouts_per_step < 1:
-            raise ValueError(f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}")
+            raise ValueError(
+                f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}"
+            )
         if self.microbatch_tokens is not None and self.microbatch_tokens < 1:
-            raise ValueError(f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}")
+            raise ValueError(
+                f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}"
+            )
         if self.cost_model is not None and not Path(self.cost_model).is_file():
-            raise ValueError(f"data.cost_model '{self.cost_model}' is not a file: write one with "
-                             "tools/calibrate.py --out FILE, or set data.cost_model to null")
+            raise ValueError(
+                f"data.cost_model '{self.cost_model}' is not a file: write one with "
+                "tools/calibrate.py --out FILE, or set data.cost_model to null"
+            )
 
     def load_cost_model(self):
         """The balancer's cost model: the calibrated file (read once per process), or the defaults."""

@@ -101,7 +101,7 @@ class PrefixForest:
         while todo:
             b, parent = todo.pop()
             nid = len(self.nodes)
-            node = Node(nid, parent, b.start, self.sequences[b.src][b.start:b.end])
+            node = Node(nid, parent, b.start, self.sequences[b.src][b.start : b.end])
             if parent >= 0:
                 self.nodes[parent].children.append(nid)
                 node.depth = self.nodes[parent].depth + 1

@@ -67,7 +67,8 @@ def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.
             raise ValueError(
                 f"loss.group_normalize_advantages needs one scalar advantage (the reward) per rollout, but "
                 f"rollout {i} has per-token advantages; normalize them upstream or set "
-                f"loss.group_normalize_advantages=false")
+                f"loss.group_normalize_advantages=false"
+            )
         groups.setdefault(("group", r.group) if r.group is not None else ("single", i), []).append(i)
     out = [r.advantages.copy() for r in rollouts]
     for members in groups.values():
@@ -107,7 +108,9 @@ class PolicyLoss:
             return float(sum(1 for r in rollouts if r.loss_mask.any()))
         return 0.0
 
-    def token_table(self, rollouts: list[Rollout], denominator: float | None = None) -> dict[str, torch.Tensor]:
+    def token_table(
+        self, rollouts: list[Rollout], denominator: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Flat float64 per-token tables: adv, old (NaN = on-policy), ref, weight, mask."""
         cfg = self.cfg
         if denominator is None:
@@ -115,9 +118,11 @@ class PolicyLoss:
         if cfg.kl_coef:
             missing = [i for i, r in enumerate(rollouts) if r.ref_logprobs is None]
             if missing:
-                raise ValueError(f"loss.kl_coef={cfg.kl_coef} needs 'ref_logprobs' in every rollout, but rollout "
-                                 f"{missing[0]} has none: compute them with `megatron-dta logprobs` using the "
-                                 f"reference model, or set loss.kl_coef=0")
+                raise ValueError(
+                    f"loss.kl_coef={cfg.kl_coef} needs 'ref_logprobs' in every rollout, but rollout "
+                    f"{missing[0]} has none: compute them with `megatron-dta logprobs` using the "
+                    f"reference model, or set loss.kl_coef=0"
+                )
         weights = []
         for r in rollouts:
             mask = r.loss_mask.astype(np.float64)

@@ -59,13 +59,19 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, cfg: LoggingConfig, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(
+        self, cfg: LoggingConfig, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool
+    ):
         self.cfg, self.total, self.enabled = cfg, total_steps, enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
         if not enabled:
             return
-        kept = [m for m in read_metrics(self.path) if m["step"] <= start_step] if start_step and self.path.exists() else []
+        kept = (
+            [m for m in read_metrics(self.path) if m["step"] <= start_step]
+            if start_step and self.path.exists()
+            else []
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self.path.open("w")
         for m in kept:
@@ -84,14 +90,19 @@ class MetricsLog:
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4g}", tok_s=f"{m['tokens_per_second']:.0f}",
-                                 sharing=f"{m['sharing_ratio']:.2f}")
+            self.bar.set_postfix(
+                loss=f"{m['loss']:.4g}",
+                tok_s=f"{m['tokens_per_second']:.0f}",
+                sharing=f"{m['sharing_ratio']:.2f}",
+            )
             self.bar.update(1)
         elif self.lines and (m["step"] % self.cfg.log_every == 0 or m["step"] == self.total):
-            print(f"step {m['step']}/{self.total}  loss {m['loss']:.6g}  grad_norm {m['grad_norm']:.4g}  "
-                  f"lr {m['lr']:.3g}  tokens {m['total_tokens']} (unique {m['unique_tokens']}, "
-                  f"sharing {m['sharing_ratio']:.2f})  {m['tokens_per_second']:.0f} tok/s  {m['seconds']:.2f}s",
-                  flush=True)
+            print(
+                f"step {m['step']}/{self.total}  loss {m['loss']:.6g}  grad_norm {m['grad_norm']:.4g}  "
+                f"lr {m['lr']:.3g}  tokens {m['total_tokens']} (unique {m['unique_tokens']}, "
+                f"sharing {m['sharing_ratio']:.2f})  {m['tokens_per_second']:.0f} tok/s  {m['seconds']:.2f}s",
+                flush=True,
+            )
 
     def close(self) -> None:
         if not self.enabled:

@@ -71,8 +71,10 @@ def lr_at(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (norm weights and biases are 1-D)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> float:
@@ -115,7 +117,9 @@ class TorchOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, cfg.weight_decay)
         # float32 master weights for low-precision parameters: bf16 cannot hold small updates
-        self.master = {p: p.detach().float().clone() for p in self.params if p.dtype in (torch.bfloat16, torch.float16)}
+        self.master = {
+            p: p.detach().float().clone() for p in self.params if p.dtype in (torch.bfloat16, torch.float16)
+        }
         for g in groups:
             g["params"] = [self.master.get(p, p) for p in g["params"]]
         self.opt = _adamw(groups, cfg, layout.device)
@@ -155,8 +159,10 @@ class TorchOptimizer:
         """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP) rank writes them."""
         if self.layout.dp_rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
-            torch.save({"optimizer": self.opt.state_dict(), "master": list(self.master.values())},
-                       self._file(directory))
+            torch.save(
+                {"optimizer": self.opt.state_dict(), "master": list(self.master.values())},
+                self._file(directory),
+            )
 
     def load(self, directory: Path) -> None:
         state = torch.load(self._file(directory), map_location=self.layout.device, weights_only=False)
@@ -170,9 +176,11 @@ def _deepspeed_mpu(layout: ParallelLayout) -> SimpleNamespace:
     """The process-group interface DeepSpeed asks of a model-parallel library (TP is its model parallel)."""
     tp = {"rank": lambda: layout.tp_rank, "world_size": lambda: layout.tp, "group": lambda: layout.tp_group}
     dp = {"rank": lambda: layout.dp_rank, "world_size": lambda: layout.dp, "group": lambda: layout.dp_group}
-    return SimpleNamespace(**{f"get_model_parallel_{k}": f for k, f in tp.items()},
-                           **{f"get_tensor_model_parallel_{k}": f for k, f in tp.items()},
-                           **{f"get_data_parallel_{k}": f for k, f in dp.items()})
+    return SimpleNamespace(
+        **{f"get_model_parallel_{k}": f for k, f in tp.items()},
+        **{f"get_tensor_model_parallel_{k}": f for k, f in tp.items()},
+        **{f"get_data_parallel_{k}": f for k, f in dp.items()},
+    )
 
 
 class DeepSpeedOptimizer:
@@ -198,8 +206,12 @@ class DeepSpeedOptimizer:
             "steps_per_print": 1 << 30,
         }
         self.engine, self.opt, _, _ = deepspeed.initialize(
-            model=model, optimizer=_adamw(param_groups(model, cfg.weight_decay), cfg, layout.device),
-            config=ds_config, mpu=_deepspeed_mpu(layout), dist_init_required=False)
+            model=model,
+            optimizer=_adamw(param_groups(model, cfg.weight_decay), cfg, layout.device),
+            config=ds_config,
+            mpu=_deepspeed_mpu(layout),
+            dist_init_required=False,
+        )
 
     @contextlib.contextmanager
     def accumulate(self):
@@ -225,7 +237,9 @@ class DeepSpeedOptimizer:
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_lr_scheduler_states=False)
         if path is None:
-            raise ValueError(f"{directory}: no DeepSpeed checkpoint '{self.TAG}' (was it saved with another backend?)")
+            raise ValueError(
+                f"{directory}: no DeepSpeed checkpoint '{self.TAG}' (was it saved with another backend?)"
+            )
 
 
 class MegatronOptimizer:
@@ -243,22 +257,44 @@ class MegatronOptimizer:
         from megatron.core.transformer import TransformerConfig
 
         if layout.device != "cuda":
-            raise ValueError("optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU")
+            raise ValueError(
+                "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"
+            )
         mcfg = model.cfg
         dtype = next(model.parameters()).dtype
         bf16 = dtype == torch.bfloat16
         tcfg = TransformerConfig(
-            num_layers=mcfg.num_layers, hidden_size=mcfg.hidden_size, num_attention_heads=mcfg.num_heads,
-            tensor_model_parallel_size=layout.tp, params_dtype=dtype, bf16=bf16, calculate_per_token_loss=True)
+            num_layers=mcfg.num_layers,
+            hidden_size=mcfg.hidden_size,
+            num_attention_heads=mcfg.num_heads,
+            tensor_model_parallel_size=layout.tp,
+            params_dtype=dtype,
+            bf16=bf16,
+            calculate_per_token_loss=True,
+        )
         self.ddp = DistributedDataParallel(
-            tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                                overlap_grad_reduce=False), module=model)
+            tcfg,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False
+            ),
+            module=model,
+        )
         self.opt = get_megatron_optimizer(
-            MegatronOptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                    adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
-                                    clip_grad=cfg.grad_clip or 0.0, bf16=bf16, params_dtype=dtype,
-                                    use_distributed_optimizer=True),
-            [self.ddp])
+            MegatronOptimizerConfig(
+                optimizer="adam",
+                lr=cfg.lr,
+                min_lr=cfg.min_lr,
+                weight_decay=cfg.weight_decay,
+                adam_beta1=cfg.betas[0],
+                adam_beta2=cfg.betas[1],
+                adam_eps=cfg.eps,
+                clip_grad=cfg.grad_clip or 0.0,
+                bf16=bf16,
+                params_dtype=dtype,
+                use_distributed_optimizer=True,
+            ),
+            [self.ddp],
+        )
         self.layout = layout
 
     def accumulate(self):
@@ -283,10 +319,14 @@ class MegatronOptimizer:
             torch.save(self.opt.state_dict(), directory / f"megatron_tp{self.layout.tp_rank}.pt")
 
     def load(self, directory: Path) -> None:
-        self.opt.load_state_dict(torch.load(directory / f"megatron_tp{self.layout.tp_rank}.pt", weights_only=False))
+        self.opt.load_state_dict(
+            torch.load(directory / f"megatron_tp{self.layout.tp_rank}.pt", weights_only=False)
+        )
         self.opt.load_parameter_state(str(directory / f"megatron_tp{self.layout.tp_rank}_params.pt"))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, layout: ParallelLayout):
-    cls = {"torch": TorchOptimizer, "deepspeed": DeepSpeedOptimizer, "megatron": MegatronOptimizer}[cfg.backend]
+    cls = {"torch": TorchOptimizer, "deepspeed": DeepSpeedOptimizer, "megatron": MegatronOptimizer}[
+        cfg.backend
+    ]
     return cls(model, cfg, layout)

@@ -34,8 +34,9 @@ def init_distributed(device: str = "cpu") -> None:
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # not under torchrun: a private world of one (the environment is left untouched for children)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
 
 
 @dataclass
@@ -47,8 +48,9 @@ class ParallelLayout:
     microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
 
     @classmethod
-    def create(cls, tp: int = 1, pp: int = 1, device: str | None = None,
-               microbatches_in_flight: int | None = None) -> ParallelLayout:
+    def create(
+        cls, tp: int = 1, pp: int = 1, device: str | None = None, microbatches_in_flight: int | None = None
+    ) -> ParallelLayout:
         """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
         from megatron.core import parallel_state as ps
 
@@ -63,7 +65,9 @@ class ParallelLayout:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        return cls(tp=tp, pp=pp, dp=world // (tp * pp), device=device, microbatches_in_flight=microbatches_in_flight)
+        return cls(
+            tp=tp, pp=pp, dp=world // (tp * pp), device=device, microbatches_in_flight=microbatches_in_flight
+        )
 
     # groups and ranks, read from megatron's parallel_state so that its layers agree with us
     @property
@@ -146,7 +150,7 @@ def all_reduce_grads(model: torch.nn.Module, group) -> None:
         offset = 0
         for p in ps:
             n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
 
 

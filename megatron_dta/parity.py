@@ -25,19 +25,39 @@ from megatron_dta.parallel import (
 from megatron_dta.rollouts import load_rollouts
 
 
-def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=2048, tp=1, dp=None, pp=1,
-              microbatches=1, activation_budget=1 << 20, microbatches_in_flight=None):
+def dump_step(
+    hf_dir,
+    rollouts_path,
+    mode="dta",
+    dtype="float64",
+    block_size=2048,
+    tp=1,
+    dp=None,
+    pp=1,
+    microbatches=1,
+    activation_budget=1 << 20,
+    microbatches_in_flight=None,
+):
     """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
     DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
     layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight)
     if dp is not None and dp != layout.dp:
-        raise ValueError(f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) "
-                         f"= {layout.dp}")
-    model, _ = load_hf_checkpoint(hf_dir, tp=tp, tp_rank=layout.tp_rank, dtype=TORCH_DTYPES[dtype], device=layout.device,
-                                  stage=(layout.pp_rank, pp))
+        raise ValueError(
+            f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) = {layout.dp}"
+        )
+    model, _ = load_hf_checkpoint(
+        hf_dir,
+        tp=tp,
+        tp_rank=layout.tp_rank,
+        dtype=TORCH_DTYPES[dtype],
+        device=layout.device,
+        stage=(layout.pp_rank, pp),
+    )
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
     if len(rollouts) < layout.dp:
-        raise ValueError(f"{rollouts_path}: {len(rollouts)} rollouts cannot fill {layout.dp} data-parallel ranks")
+        raise ValueError(
+            f"{rollouts_path}: {len(rollouts)} rollouts cannot fill {layout.dp} data-parallel ranks"
+        )
     mine = shard_indices(len(rollouts), layout.dp, layout.dp_rank)
     loss_fn = PolicyLoss()
     local = [rollouts[i] for i in mine]
@@ -59,8 +79,13 @@ def dump_step(hf_dir, rollouts_path, mode="dta", dtype="float64", block_size=204
     if not layout.is_main:
         return None
     logprobs = [torch.from_numpy(lp).double() for chunk in per_rank for lp in chunk]
-    return {"logprobs": logprobs, "loss": torch.tensor(loss, dtype=torch.float64),
-            "grads": {k: v.double().cpu() for k, v in grads.items()}, "dtype": dtype, "mode": mode}
+    return {
+        "logprobs": logprobs,
+        "loss": torch.tensor(loss, dtype=torch.float64),
+        "grads": {k: v.double().cpu() for k, v in grads.items()},
+        "dtype": dtype,
+        "mode": mode,
+    }
 
 
 def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatches, layout):
@@ -70,9 +95,14 @@ def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatch
     bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
     parts = [rollouts[a:b] for a, b in pairwise(bounds) if b > a]
     results = forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(parts), model=model,
-        num_microbatches=len(parts), engine_config=engine_cfg, device=layout.device,
-        microbatches_in_flight=layout.microbatches_in_flight)
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        data_iterator=iter(parts),
+        model=model,
+        num_microbatches=len(parts),
+        engine_config=engine_cfg,
+        device=layout.device,
+        microbatches_in_flight=layout.microbatches_in_flight,
+    )
     box = broadcast_from_last_stage([(r.loss, r.logprobs) for r in results], layout)
     losses, logprobs = zip(*box)
     return SimpleNamespace(loss=sum(losses), logprobs=[lp for chunk in logprobs for lp in chunk])

@@ -136,16 +136,21 @@ def _ranks():
     from megatron.core import parallel_state as ps
 
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    return (None if first else ps.get_pipeline_model_parallel_prev_rank(),
-            None if last else ps.get_pipeline_model_parallel_next_rank())
+    return (
+        None if first else ps.get_pipeline_model_parallel_prev_rank(),
+        None if last else ps.get_pipeline_model_parallel_next_rank(),
+    )
 
 
 def link_order(schedule: Schedule, backward: list[list[bool]], upper: int) -> list[tuple[tuple, int]]:
     """(event key, sending stage) of every message between stages ``upper`` and ``upper + 1``, in the
     link's order: forwards sent down by ``upper``, gradients sent up by ``upper + 1``, by commit.
     ``backward[j][i]``: whether event i of microbatch j is a backward."""
-    return [((j, i), st) for st, j, i in schedule.commits
-            if (st == upper and not backward[j][i]) or (st == upper + 1 and backward[j][i])]
+    return [
+        ((j, i), st)
+        for st, j, i in schedule.commits
+        if (st == upper and not backward[j][i]) or (st == upper + 1 and backward[j][i])
+    ]
 
 
 class _Link:
@@ -280,11 +285,22 @@ def sync_tied_embedding_grads(model, before: torch.Tensor | None = None) -> None
         w.grad.copy_(before + delta)
 
 
-def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, num_microbatches: int,
-                                    seq_length=None, micro_batch_size=None, decoder_seq_length=None,
-                                    forward_only: bool = False, collect_non_loss_data: bool = False,
-                                    first_val_step=None, engine_config: EngineConfig | None = None,
-                                    device: str = "cpu", microbatches_in_flight: int | None = None) -> list[StepResult]:
+def forward_backward_pipelining_dfs(
+    *,
+    forward_step_func,
+    data_iterator,
+    model,
+    num_microbatches: int,
+    seq_length=None,
+    micro_batch_size=None,
+    decoder_seq_length=None,
+    forward_only: bool = False,
+    collect_non_loss_data: bool = False,
+    first_val_step=None,
+    engine_config: EngineConfig | None = None,
+    device: str = "cpu",
+    microbatches_in_flight: int | None = None,
+) -> list[StepResult]:
     """Megatron's schedule signature over DFS units (``seq_length``, ``micro_batch_size``,
     ``decoder_seq_length``, ``collect_non_loss_data``, ``first_val_step`` are accepted for
     drop-in compatibility and ignored: units carry their own shapes).
@@ -306,11 +322,12 @@ def forward_backward_pipelining_dfs(*, forward_step_func, data_iterator, model, 
     tied = _tied_weight(stage_model)
     before = None if tied is None or tied.grad is None else tied.grad.clone()
 
-    runs = [engine.start(*forward_step_func(data_iterator, stage_model), forward_only=forward_only)
-            for _ in range(num_microbatches)]
+    runs = [
+        engine.start(*forward_step_func(data_iterator, stage_model), forward_only=forward_only)
+        for _ in range(num_microbatches)
+    ]
     events = [run.plan.events(forward_only) for run in runs]
-    schedule = dfs_schedule([event_tokens(ev) for ev in events], stages,
-                            microbatches_in_flight or 2 * stages)
+    schedule = dfs_schedule([event_tokens(ev) for ev in events], stages, microbatches_in_flight or 2 * stages)
     ex.connect(schedule, events)
     results: list = [None] * num_microbatches
     try:

@@ -114,7 +114,9 @@ def _all_finite(value) -> bool:
     return True
 
 
-def parse_rollout(record: object, vocab_size: int | None, path: str | Path = "<rollouts>", line: int = 1) -> Rollout:
+def parse_rollout(
+    record: object, vocab_size: int | None, path: str | Path = "<rollouts>", line: int = 1
+) -> Rollout:
     """Validate one decoded JSON record; raises RolloutFormatError naming ``path:line`` and the field."""
 
     def fail(field_name: str, problem: str):

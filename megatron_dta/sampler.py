@@ -34,8 +34,13 @@ def _sort_key(ids: np.ndarray) -> bytes:
 class TreeSampler:
     """Yields each step's rollout indices (ascending) forever, reshuffling every epoch."""
 
-    def __init__(self, rollouts: Sequence[Rollout] | str | Path, rollouts_per_step: int, seed: int = 0,
-                 group_key: str | None = "group"):
+    def __init__(
+        self,
+        rollouts: Sequence[Rollout] | str | Path,
+        rollouts_per_step: int,
+        seed: int = 0,
+        group_key: str | None = "group",
+    ):
         if isinstance(rollouts, (str, Path)):
             rollouts = load_rollouts(rollouts)
         if not rollouts:
@@ -53,7 +58,9 @@ class TreeSampler:
         """Groups joined by shared first token, chunked to a step; each unit ascending."""
         groups: dict[object, list[int]] = {}
         for i, r in enumerate(rollouts):
-            value = None if group_key is None else (r.group if group_key == "group" else r.extra.get(group_key))
+            value = (
+                None if group_key is None else (r.group if group_key == "group" else r.extra.get(group_key))
+            )
             groups.setdefault(("rollout", i) if value is None else ("group", value), []).append(i)
         parent = list(range(len(groups)))
 
@@ -115,12 +122,19 @@ class TreeSampler:
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "rollouts_per_step": self.rollouts_per_step, "num_rollouts": self.num_rollouts}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "rollouts_per_step": self.rollouts_per_step,
+            "num_rollouts": self.num_rollouts,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "rollouts_per_step", "num_rollouts"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has "
-                                 f"{getattr(self, key)}; resume with the same dataset and settings")
+                raise ValueError(
+                    f"sampler state has {key}={state[key]} but this sampler has "
+                    f"{getattr(self, key)}; resume with the same dataset and settings"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -69,13 +69,19 @@ def _tree_group(draw: _Draw, paths: list[list[np.ndarray]], group: int) -> list[
 
 
 def grpo_groups(
-    *, vocab_size: int, seed: int = 0, num_prompts: int = 8, group_size: int = 8,
-    prompt_len: int = 256, completion_len: int = 512,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    num_prompts: int = 8,
+    group_size: int = 8,
+    prompt_len: int = 256,
+    completion_len: int = 512,
 ) -> list[Rollout]:
     """GRPO: each prompt (length ``prompt_len``) with ``group_size`` sampled completions of
     0.5x..1.5x ``completion_len``; ``group`` is the prompt index."""
-    _check_sizes(num_prompts=num_prompts, group_size=group_size, prompt_len=prompt_len,
-                 completion_len=completion_len)
+    _check_sizes(
+        num_prompts=num_prompts, group_size=group_size, prompt_len=prompt_len, completion_len=completion_len
+    )
     draw = _Draw(vocab_size, seed)
     rollouts = []
     for g in range(num_prompts):
@@ -85,7 +91,11 @@ def grpo_groups(
 
 
 def fanout(
-    *, vocab_size: int, seed: int = 0, prompt_len: int = 256, num_completions: int = 8,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    prompt_len: int = 256,
+    num_completions: int = 8,
     completion_len: int = 256,
 ) -> list[Rollout]:
     """One prompt with ``num_completions`` completions of exactly ``completion_len`` tokens: a
@@ -97,7 +107,12 @@ def fanout(
 
 
 def long_paths(
-    *, vocab_size: int, seed: int = 0, prompt_len: int = 3072, num_paths: int = 4, path_len: int = 5120,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    prompt_len: int = 3072,
+    num_paths: int = 4,
+    path_len: int = 5120,
 ) -> list[Rollout]:
     """Long context: one shared prompt of ``prompt_len`` tokens, then ``num_paths`` completions of
     0.9x..1.1x ``path_len`` tokens each (rollouts are prompt + completion, ~8K tokens by default)."""
@@ -119,42 +134,73 @@ def _search_trees(draw: _Draw, num_roots, depth, low, high, prompt_len, segment_
 
 
 def tree_search(
-    *, vocab_size: int, seed: int = 0, num_roots: int = 4, depth: int = 4, branching: int = 3,
-    segment_len: int = 128, prompt_len: int = 512,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    num_roots: int = 4,
+    depth: int = 4,
+    branching: int = 3,
+    segment_len: int = 128,
+    prompt_len: int = 512,
 ) -> list[Rollout]:
     """Tree search (e.g. TreeRL-style step-level sampling): under each prompt every node has
     1..``branching`` children of 0.5x..1.5x ``segment_len`` generated tokens, ``depth`` levels deep;
     each leaf path is a rollout, so rollouts branch at intermediate steps. ``group`` is the tree."""
-    _check_sizes(num_roots=num_roots, depth=depth, branching=branching, segment_len=segment_len,
-                 prompt_len=prompt_len)
+    _check_sizes(
+        num_roots=num_roots, depth=depth, branching=branching, segment_len=segment_len, prompt_len=prompt_len
+    )
     draw = _Draw(vocab_size, seed)
     trees = _search_trees(draw, num_roots, depth, 1, branching, prompt_len, segment_len)
     return [r for g, paths in enumerate(trees) for r in _tree_group(draw, paths, g)]
 
 
 def mixed_sizes(
-    *, vocab_size: int, seed: int = 0, num_small: int = 96, small_group: int = 4, small_len: int = 128,
-    num_huge: int = 3, huge_depth: int = 3, huge_branching: int = 4, huge_segment_len: int = 384,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    num_small: int = 96,
+    small_group: int = 4,
+    small_len: int = 128,
+    num_huge: int = 3,
+    huge_depth: int = 3,
+    huge_branching: int = 4,
+    huge_segment_len: int = 384,
     huge_prompt_len: int = 2048,
 ) -> list[Rollout]:
     """Load-balancing stress: ``num_small`` small GRPO groups (prompt and completions ~``small_len``)
     and ``num_huge`` full trees (every node has ``huge_branching`` children, ``huge_depth`` levels),
     in random order. With the defaults each huge tree holds ~20% of the batch's unique tokens: more
     than one rank's even share at 8 ranks, so no tree-level assignment can balance it."""
-    _check_sizes(num_small=num_small, small_group=small_group, small_len=small_len, num_huge=num_huge,
-                 huge_depth=huge_depth, huge_branching=huge_branching, huge_segment_len=huge_segment_len,
-                 huge_prompt_len=huge_prompt_len)
+    _check_sizes(
+        num_small=num_small,
+        small_group=small_group,
+        small_len=small_len,
+        num_huge=num_huge,
+        huge_depth=huge_depth,
+        huge_branching=huge_branching,
+        huge_segment_len=huge_segment_len,
+        huge_prompt_len=huge_prompt_len,
+    )
     draw = _Draw(vocab_size, seed)
-    trees = _search_trees(draw, num_huge, huge_depth, huge_branching, huge_branching, huge_prompt_len,
-                          huge_segment_len)
+    trees = _search_trees(
+        draw, num_huge, huge_depth, huge_branching, huge_branching, huge_prompt_len, huge_segment_len
+    )
     trees += _search_trees(draw, num_small, 1, small_group, small_group, small_len, small_len)
     order = draw.rng.permutation(len(trees))
     return [r for g, t in enumerate(order) for r in _tree_group(draw, trees[t], g)]
 
 
 def multi_turn(
-    *, vocab_size: int, seed: int = 0, num_tasks: int = 4, trajectories_per_task: int = 4, turns: int = 6,
-    system_len: int = 1024, task_len: int = 256, turn_len: int = 128, obs_len: int = 256,
+    *,
+    vocab_size: int,
+    seed: int = 0,
+    num_tasks: int = 4,
+    trajectories_per_task: int = 4,
+    turns: int = 6,
+    system_len: int = 1024,
+    task_len: int = 256,
+    turn_len: int = 128,
+    obs_len: int = 256,
 ) -> list[Rollout]:
     """Agentic multi-turn (tau^2-bench-like), trained turn by turn.
 
@@ -168,8 +214,15 @@ def multi_turn(
     turns are not emitted again, so the batch has no duplicate rollouts. Defaults: ~65 rollouts, ~170K
     tokens, sharing ratio ~7.
     """
-    _check_sizes(num_tasks=num_tasks, trajectories_per_task=trajectories_per_task, turns=turns,
-                 system_len=system_len, task_len=task_len, turn_len=turn_len, obs_len=obs_len)
+    _check_sizes(
+        num_tasks=num_tasks,
+        trajectories_per_task=trajectories_per_task,
+        turns=turns,
+        system_len=system_len,
+        task_len=task_len,
+        turn_len=turn_len,
+        obs_len=obs_len,
+    )
     draw = _Draw(vocab_size, seed)
     system = draw.tokens(system_len)
     rollouts = []
@@ -196,8 +249,17 @@ def multi_turn(
 def demo(*, vocab_size: int, seed: int = 0) -> list[Rollout]:
     """The README demo: a small multi-turn batch, ~32 rollouts of a few hundred tokens, ~8K tokens in
     all, sharing ratio ~6-8."""
-    return multi_turn(vocab_size=vocab_size, seed=seed, num_tasks=2, trajectories_per_task=4, turns=6,
-                      system_len=96, task_len=32, turn_len=16, obs_len=20)
+    return multi_turn(
+        vocab_size=vocab_size,
+        seed=seed,
+        num_tasks=2,
+        trajectories_per_task=4,
+        turns=6,
+        system_len=96,
+        task_len=32,
+        turn_len=16,
+        obs_len=20,
+    )
 
 
 WORKLOADS: dict[str, Callable[..., list[Rollout]]] = {

@@ -42,15 +42,28 @@ from megatron_dta.pipeline import forward_backward_pipelining_dfs
 from megatron_dta.rollouts import Rollout, load_rollouts, write_rollouts
 
 # summed over DP ranks (and from the last pipeline stage) each step, in this order
-_SUMS = ("loss", "total_tokens", "computed_tokens", "recomputed_tokens", "tokens", "clipped", "approx_kl", "entropy")
+_SUMS = (
+    "loss",
+    "total_tokens",
+    "computed_tokens",
+    "recomputed_tokens",
+    "tokens",
+    "clipped",
+    "approx_kl",
+    "entropy",
+)
 
 
 def create_layout(cfg: Config) -> ParallelLayout:
     device = cfg.parallel.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ParallelLayout.create(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device,
-                                 microbatches_in_flight=cfg.parallel.microbatches_in_flight)
+    return ParallelLayout.create(
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        device=device,
+        microbatches_in_flight=cfg.parallel.microbatches_in_flight,
+    )
 
 
 def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
@@ -60,9 +73,13 @@ def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
     dtype = TORCH_DTYPES[cfg.train.dtype]
     stage = (layout.pp_rank, layout.pp)
     if cfg.model.hf_checkpoint is not None:
-        model, _ = load_hf_checkpoint(cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device, stage)
+        model, _ = load_hf_checkpoint(
+            cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device, stage
+        )
         return model
-    model = Transformer(cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device, stage=stage)
+    model = Transformer(
+        cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device, stage=stage
+    )
     shapes = {name: t.shape for name, t in gather_hf(model, "param", layout.tp_group).items()}
     if model.cfg.tie_embeddings and model.is_last and not model.is_first:  # the last stage's copy
         shapes["model.embed_tokens.weight"] = (model.cfg.vocab_size, model.cfg.hidden_size)
@@ -74,7 +91,9 @@ def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
             full[name] = torch.zeros(shape, dtype=dtype)
         else:
             gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
-            full[name] = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(model.cfg.init_std).to(dtype)
+            full[name] = (
+                torch.randn(shape, generator=gen, dtype=torch.float64).mul_(model.cfg.init_std).to(dtype)
+            )
     load_hf_into(model, full, layout.tp_rank, "initialisation")
     return model
 
@@ -94,8 +113,14 @@ def gather_over_dp(value: dict, layout: ParallelLayout) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def run_microbatches(engine: Engine, layout: ParallelLayout, micro: list[list[Rollout]], loss_fn=None,
-                     denominator: float | None = None, forward_only: bool = False) -> list[StepResult]:
+def run_microbatches(
+    engine: Engine,
+    layout: ParallelLayout,
+    micro: list[list[Rollout]],
+    loss_fn=None,
+    denominator: float | None = None,
+    forward_only: bool = False,
+) -> list[StepResult]:
     """The engine over this rank's microbatches (gradients accumulate): one after another, or through
     the DFS pipeline schedule when pp > 1, whose results are filled on the last stage only."""
     if layout.pp == 1:
@@ -103,22 +128,38 @@ def run_microbatches(engine: Engine, layout: ParallelLayout, micro: list[list[Ro
             return [engine.logprobs(rollouts) for rollouts in micro]
         return [engine.forward_backward(rollouts, loss_fn, denominator) for rollouts in micro]
     return forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator), data_iterator=iter(micro),
-        model=engine.model, num_microbatches=len(micro), forward_only=forward_only, engine_config=engine.cfg,
-        device=layout.device, microbatches_in_flight=layout.microbatches_in_flight)
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        data_iterator=iter(micro),
+        model=engine.model,
+        num_microbatches=len(micro),
+        forward_only=forward_only,
+        engine_config=engine.cfg,
+        device=layout.device,
+        microbatches_in_flight=layout.microbatches_in_flight,
+    )
 
 
-def forward_logprobs(engine: Engine, rollouts: list[Rollout], layout: ParallelLayout,
-                     data_cfg) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def forward_logprobs(
+    engine: Engine, rollouts: list[Rollout], layout: ParallelLayout, data_cfg
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{index: (logprobs, entropy)} of every rollout, computed over the DP ranks, known to all."""
     local = local_microbatches(rollouts, layout, data_cfg)[1]
     results = run_microbatches(engine, layout, [[rollouts[i] for i in mb] for mb in local], forward_only=True)
-    out = {i: (lp, ent) for mb, res in zip(local, results) for i, lp, ent in zip(mb, res.logprobs, res.entropy)}
+    out = {
+        i: (lp, ent) for mb, res in zip(local, results) for i, lp, ent in zip(mb, res.logprobs, res.entropy)
+    }
     return gather_over_dp(broadcast_from_last_stage(out, layout), layout)
 
 
-def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, loss_fn: PolicyLoss,
-               engine: Engine, optimizer) -> dict:
+def train_step(
+    step: int,
+    cfg: Config,
+    layout: ParallelLayout,
+    data: TrainData,
+    loss_fn: PolicyLoss,
+    engine: Engine,
+    optimizer,
+) -> dict:
     start = time.perf_counter()
     if layout.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -130,7 +171,9 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
     batch = loss_fn.prepare([data.rollouts[i] for i in idx])
     plan, local = local_microbatches(batch, layout, cfg.data)
     micro = [[batch[i] for i in mb] for mb in local]
-    denominator = all_reduce_scalar(loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group)
+    denominator = all_reduce_scalar(
+        loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group
+    )
 
     sums = dict.fromkeys(_SUMS, 0.0)
     optimizer.zero_grad()
@@ -152,8 +195,9 @@ def train_step(step: int, cfg: Config, layout: ParallelLayout, data: TrainData, 
     lr = lr_at(cfg.optimizer, step, cfg.train.steps)
     grad_norm = optimizer.step(lr)
 
-    totals = all_reduce_over(torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64),
-                             layout.dp_group, layout.pp_group)
+    totals = all_reduce_over(
+        torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), layout.dp_group, layout.pp_group
+    )
     g = dict(zip(_SUMS, totals.tolist()))
     peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
     seconds = time.perf_counter() - start
@@ -193,8 +237,10 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     layout = create_layout(cfg)
     run_dir = Path(cfg.checkpoint.run_dir)
     if not resume and complete_checkpoints(run_dir):
-        raise ValueError(f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
-                         "that run, or set checkpoint.run_dir to a new directory")
+        raise ValueError(
+            f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
+            "that run, or set checkpoint.run_dir to a new directory"
+        )
     model = build_model(cfg, layout)
     data = TrainData(cfg.data, model.cfg.vocab_size)
     loss_fn = PolicyLoss(cfg.loss)
@@ -231,8 +277,13 @@ def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:
     values = forward_logprobs(engine, rollouts, layout, cfg.data)
     if layout.is_main:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        write_rollouts(out_path, ({**r.to_json(), "logprobs": values[i][0].tolist(), "entropy": values[i][1].tolist()}
-                                  for i, r in enumerate(rollouts)))
+        write_rollouts(
+            out_path,
+            (
+                {**r.to_json(), "logprobs": values[i][0].tolist(), "entropy": values[i][1].tolist()}
+                for i, r in enumerate(rollouts)
+            ),
+        )
     return len(rollouts)
 
 
@@ -241,8 +292,10 @@ def export(run_dir: str, hf_out: str, step: int | None = None, dtype: str | None
     path = step_dir(run_dir, step) if step is not None else latest_complete(run_dir)
     if path is None or not (path / COMPLETE).is_file():
         found = [p.name for p in complete_checkpoints(run_dir)]
-        raise ValueError(f"{run_dir}: no complete checkpoint{f' for step {step}' if step is not None else ''}; "
-                         f"complete ones: {', '.join(found) or 'none'}")
+        raise ValueError(
+            f"{run_dir}: no complete checkpoint{f' for step {step}' if step is not None else ''}; "
+            f"complete ones: {', '.join(found) or 'none'}"
+        )
     hf_cfg, tensors = read_hf_dir(path / "model")
     if dtype is not None:
         hf_cfg = {**hf_cfg, "dtype": dtype}
@@ -258,7 +311,9 @@ def time_modes(cfg: Config, modes=("dta", "dense"), repeats: int = 2) -> dict[st
     data = TrainData(cfg.data, model.cfg.vocab_size)
     loss_fn = PolicyLoss(cfg.loss)
     batch = loss_fn.prepare([data.rollouts[i] for i in data.next_indices()])
-    engines = {mode: Engine(model, dataclasses.replace(cfg.engine, mode=mode), layout.device) for mode in modes}
+    engines = {
+        mode: Engine(model, dataclasses.replace(cfg.engine, mode=mode), layout.device) for mode in modes
+    }
     engines[modes[0]].forward_backward(batch, loss_fn)
     best: dict[str, tuple[float, int]] = {}
     for _ in range(repeats):
@@ -282,21 +337,34 @@ def demo(run_dir: str = "runs/demo") -> None:
     cfg = Config.from_yaml(None, [f"checkpoint.run_dir={run_dir}", "logging.progress=lines"])
     shutil.rmtree(run_dir, ignore_errors=True)
     m = cfg.model.model_config()
-    print(f"demo: {cfg.model.preset} model ({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}), "
-          f"'{cfg.data.workload}' workload, {cfg.train.steps} PPO steps", flush=True)
+    print(
+        f"demo: {cfg.model.preset} model ({m.num_layers} layers, hidden {m.hidden_size}, "
+        f"vocab {m.vocab_size}), "
+        f"'{cfg.data.workload}' workload, {cfg.train.steps} PPO steps",
+        flush=True,
+    )
     train(cfg)
     metrics = read_metrics(Path(run_dir) / "metrics.jsonl")
     print("\nloss by step (step 1 is on-policy; later steps are PPO updates on the same rollouts):")
     for r in metrics:
-        print(f"  step {r['step']}: loss {r['loss']:+.6f}  clip_fraction {r['clip_fraction']:.3f}  "
-              f"approx_kl {r['approx_kl']:.2e}")
+        print(
+            f"  step {r['step']}: loss {r['loss']:+.6f}  clip_fraction {r['clip_fraction']:.3f}  "
+            f"approx_kl {r['approx_kl']:.2e}"
+        )
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
     print(f"loss went {'down' if last < first else 'UP'}: {first:+.6f} -> {last:+.6f}")
     times = time_modes(cfg)
     (t_dta, n_dta), (t_dense, n_dense) = times["dta"], times["dense"]
-    print(f"\none forward+backward of the same {metrics[0]['total_tokens']}-token batch (best of 2, one thread):")
+    print(
+        f"\none forward+backward of the same {metrics[0]['total_tokens']}-token batch (best of 2, "
+        f"one thread):"
+    )
     print(f"  dense: {n_dense:6d} tokens computed  {t_dense:7.2f} s")
     print(f"  dta:   {n_dta:6d} tokens computed  {t_dta:7.2f} s")
-    print(f"  dta speed-up over dense: {t_dense / t_dta:.2f}x (sharing ratio {metrics[0]['sharing_ratio']:.2f})")
-    print(f"\nmetrics: {run_dir}/metrics.jsonl   checkpoint: {latest_complete(run_dir)}   "
-          f"demo wall time {time.perf_counter() - wall:.1f} s")
+    print(
+        f"  dta speed-up over dense: {t_dense / t_dta:.2f}x (sharing ratio {metrics[0]['sharing_ratio']:.2f})"
+    )
+    print(
+        f"\nmetrics: {run_dir}/metrics.jsonl   checkpoint: {latest_complete(run_dir)}   "
+        f"demo wall time {time.perf_counter() - wall:.1f} s"
+    )

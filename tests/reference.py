@@ -21,16 +21,29 @@ MODEL_KINDS = ("llama", "qwen2", "qwen3")
 def tiny_hf_config(kind: str, vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, inter=96, theta=10000.0):
     import transformers
 
-    common = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    }
     if kind == "llama":
         return transformers.LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "qwen2":  # q/k/v bias and tied embeddings
         return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
     if kind == "qwen3":  # per-head q/k norm, explicit head_dim
-        return transformers.Qwen3Config(**common, head_dim=hidden // heads, tie_word_embeddings=False,
-                                        use_sliding_window=False, attention_bias=False)
+        return transformers.Qwen3Config(
+            **common,
+            head_dim=hidden // heads,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            attention_bias=False,
+        )
     raise ValueError(kind)
 
 
@@ -39,8 +52,11 @@ def make_hf_model(kind: str, seed: int = 0, dtype=torch.float64, **kw):
 
     torch.manual_seed(seed)
     cfg = tiny_hf_config(kind, **kw)
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "qwen3": transformers.Qwen3ForCausalLM}[kind]
+    cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+    }[kind]
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise so they are tested
         for name, p in model.named_parameters():
@@ -71,9 +87,14 @@ def float64_hf():
     from transformers.models.qwen2 import modeling_qwen2 as mq2
     from transformers.models.qwen3 import modeling_qwen3 as mq3
 
-    targets = [(ml.LlamaRMSNorm, _rms_forward), (mq2.Qwen2RMSNorm, _rms_forward), (mq3.Qwen3RMSNorm, _rms_forward),
-               (ml.LlamaRotaryEmbedding, _rotary_forward), (mq2.Qwen2RotaryEmbedding, _rotary_forward),
-               (mq3.Qwen3RotaryEmbedding, _rotary_forward)]
+    targets = [
+        (ml.LlamaRMSNorm, _rms_forward),
+        (mq2.Qwen2RMSNorm, _rms_forward),
+        (mq3.Qwen3RMSNorm, _rms_forward),
+        (ml.LlamaRotaryEmbedding, _rotary_forward),
+        (mq2.Qwen2RotaryEmbedding, _rotary_forward),
+        (mq3.Qwen3RotaryEmbedding, _rotary_forward),
+    ]
     saved = [(cls, cls.forward) for cls, _ in targets]
     try:
         for cls, fn in targets:
@@ -112,8 +133,10 @@ def hf_dense_step(model, rollouts):
         lps = [hf_logprobs_of(model, r.input_ids) for r in rollouts]
         loss = ppo_reference(lps, rollouts)
         loss.backward()
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-             for n, p in model.named_parameters()}
+    grads = {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        for n, p in model.named_parameters()
+    }
     return [lp.detach().numpy() for lp in lps], loss.detach(), grads
 
 
@@ -149,7 +172,11 @@ def naive_logprobs(sd: dict, cfg, ids: np.ndarray) -> np.ndarray:
             y = h @ sd[p + f"self_attn.{name}.weight"].T
             return y + sd[p + f"self_attn.{name}.bias"] if p + f"self_attn.{name}.bias" in sd else y
 
-        q, k, v = proj("q_proj").view(L, nh, d), proj("k_proj").view(L, nkv, d), proj("v_proj").view(L, nkv, d)
+        q, k, v = (
+            proj("q_proj").view(L, nh, d),
+            proj("k_proj").view(L, nkv, d),
+            proj("v_proj").view(L, nkv, d),
+        )
         if p + "self_attn.q_norm.weight" in sd:
             q, k = rms(q, sd[p + "self_attn.q_norm.weight"]), rms(k, sd[p + "self_attn.k_norm.weight"])
         q, k = rope(q), rope(k)

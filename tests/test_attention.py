@@ -35,7 +35,9 @@ def structures(draw, max_nodes=6, max_len=6, max_prefix=9):
     kind = draw(st.sampled_from(["causal", "siblings", "tree"]))
     P = draw(st.integers(0, max_prefix))
     m = 1 if kind == "causal" else draw(st.integers(1, max_nodes))
-    lengths = draw(st.lists(st.integers(1, 3 * max_len if kind == "causal" else max_len), min_size=m, max_size=m))
+    lengths = draw(
+        st.lists(st.integers(1, 3 * max_len if kind == "causal" else max_len), min_size=m, max_size=m)
+    )
     parent, path = [-1], [0]
     for i in range(1, m):
         depth = 0 if kind == "siblings" else draw(st.integers(0, len(path)))
@@ -102,7 +104,12 @@ def out_and_grads(fn, q, k, v, dout, *extra):
 # ---- CPU: exact in float64 --------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["sdpa", "cascade"])
 @settings(max_examples=60, deadline=None)
-@given(structure=structures(), heads=st.sampled_from(HEADS), D=st.sampled_from([2, 5, 8]), seed=st.integers(0, 99))
+@given(
+    structure=structures(),
+    heads=st.sampled_from(HEADS),
+    D=st.sampled_from([2, 5, 8]),
+    seed=st.integers(0, 99),
+)
 def test_backend_equals_naive_float64_with_grads(backend, structure, heads, D, seed):
     P, lengths, parent, kind = structure
     spec = spec_of(*structure)
@@ -110,11 +117,18 @@ def test_backend_equals_naive_float64_with_grads(backend, structure, heads, D, s
     ref = out_and_grads(naive_attention, q, k, v, dout, visibility(P, lengths, parent))
     got = out_and_grads(get_attention_backend(backend, "cpu"), q, k, v, dout, spec)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert (a - b).abs().max().item() <= 1e-12, f"{backend} {kind}: {name} off by {(a - b).abs().max():.2e}"
+        assert (a - b).abs().max().item() <= 1e-12, (
+            f"{backend} {kind}: {name} off by {(a - b).abs().max():.2e}"
+        )
 
 
 @settings(max_examples=60, deadline=None)
-@given(structure=structures(), heads=st.sampled_from(HEADS), D=st.sampled_from([2, 5, 8]), seed=st.integers(0, 99))
+@given(
+    structure=structures(),
+    heads=st.sampled_from(HEADS),
+    D=st.sampled_from([2, 5, 8]),
+    seed=st.integers(0, 99),
+)
 def test_flex_forward_equals_naive_float64_on_cpu(structure, heads, D, seed):
     P, lengths, parent, _ = structure
     spec = spec_of(*structure)
@@ -143,7 +157,7 @@ def test_flex_block_mask_marks_exactly_the_partial_and_full_blocks(structure):
     fm = A._flex_mask(P, T, T, spec.seg_in, spec.seg_out, "cpu")
     bm = fm.block_mask
     vis = torch.zeros(fm.q_len, fm.kv_len, dtype=torch.bool)
-    vis[:T, :P + T] = visibility(P, lengths, parent)
+    vis[:T, : P + T] = visibility(P, lengths, parent)
     blocks = vis.view(fm.q_len // 128, 128, fm.kv_len // 128, 128)
     every, some = blocks.all(3).all(1), blocks.any(3).any(1)
     n_kv = fm.kv_len // 128
@@ -184,7 +198,9 @@ def test_varlen_packing_of_te_and_flash(structure, heads, seed):
     for i in range(len(lay.cu_q) - 1):
         qa, qb, ka, kb = lay.cu_q[i], lay.cu_q[i + 1], lay.cu_kv[i], lay.cu_kv[i + 1]
         assert qb - qa <= lay.max_q and kb - ka <= lay.max_kv
-        outs.append(A.sdpa_attention(q[qa:qb], kp[ka:kb], vp[ka:kb], AttnSpec(int(kb - ka - (qb - qa)), int(qb - qa))))
+        outs.append(
+            A.sdpa_attention(q[qa:qb], kp[ka:kb], vp[ka:kb], AttnSpec(int(kb - ka - (qb - qa)), int(qb - qa)))
+        )
     ref = naive_attention(q, k, v, visibility(P, lengths, parent))
     assert (torch.cat(outs) - ref).abs().max().item() <= 1e-12
 
@@ -210,6 +226,7 @@ def test_gpu_only_backends_raise_a_clear_error_here(backend, what):
 @pytest.mark.parametrize("backend, what", [("te", "Transformer Engine"), ("flash", "flash-attn")])
 def test_missing_package_is_named(backend, what, monkeypatch):
     """TE without CUDA raises RuntimeError (not ImportError) on import: any failure is caught."""
+
     def broken(name, *a, **kw):
         raise RuntimeError("CUDA runtime not found")
 
@@ -240,7 +257,14 @@ def _rollouts():
     rng = np.random.default_rng(7)
     tok = lambda n: rng.integers(0, VOCAB, n).tolist()
     prompt, turn = tok(11), tok(5)
-    seqs = [prompt + tok(6), prompt + turn + tok(4), prompt + turn + tok(7), prompt + turn, prompt + tok(3), tok(9)]
+    seqs = [
+        prompt + tok(6),
+        prompt + turn + tok(4),
+        prompt + turn + tok(7),
+        prompt + turn,
+        prompt + tok(3),
+        tok(9),
+    ]
     return [make_rollout(s, advantages=float(rng.normal())) for s in seqs]
 
 
@@ -252,7 +276,9 @@ def _run(model, mode, block, attention, forward_only=False):
     return eng.forward_backward(_rollouts()), gather_hf(model, "grad")
 
 
-@pytest.mark.parametrize("mode, block", [("dense", 2048), ("sparse", 2048), ("dta", 2048), ("dta", 3), ("dta", 6)])
+@pytest.mark.parametrize(
+    "mode, block", [("dense", 2048), ("sparse", 2048), ("dta", 2048), ("dta", 3), ("dta", 6)]
+)
 def test_engine_cascade_equals_sdpa(tiny_model, mode, block):
     """float64 end to end: logprobs 1e-12 absolute, gradients 1e-10 relative (round-off ~1e-15)."""
     ref, ref_g = _run(tiny_model, mode, block, "sdpa")

@@ -58,9 +58,14 @@ def rollout_batches(draw, max_rollouts=9, max_len=24):
     for s in seqs:
         mask_kind = draw(st.sampled_from(["ones", "zeros", "random"]))
         mask = {"ones": [1] * len(s), "zeros": [0] * len(s)}.get(mask_kind) or draw(
-            st.lists(st.integers(0, 1), min_size=len(s), max_size=len(s)))
+            st.lists(st.integers(0, 1), min_size=len(s), max_size=len(s))
+        )
         per_token = draw(st.booleans())
-        adv = draw(st.lists(st.floats(-2, 2), min_size=len(s), max_size=len(s))) if per_token else draw(st.floats(-2, 2))
+        adv = (
+            draw(st.lists(st.floats(-2, 2), min_size=len(s), max_size=len(s)))
+            if per_token
+            else draw(st.floats(-2, 2))
+        )
         old = None
         if draw(st.booleans()):
             old = draw(st.lists(st.floats(-6, -0.5), min_size=len(s), max_size=len(s)))
@@ -84,7 +89,9 @@ def assert_matches(res, grads, ref, lp_tol, grad_tol):
     assert set(grads) == set(ref_grads)
     for name, g in ref_grads.items():
         err = (grads[name].double() - g).norm().item()
-        assert err <= grad_tol * g.norm().item() + 1e-13, f"{name}: relative grad error {err / g.norm().item():.3e}"
+        assert err <= grad_tol * g.norm().item() + 1e-13, (
+            f"{name}: relative grad error {err / g.norm().item():.3e}"
+        )
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
@@ -100,7 +107,11 @@ def test_patched_reference_matches_naive_float64_forward(kind, tmp_path_factory)
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rollouts=rollout_batches(), block=st.sampled_from([1, 2, 3, 7, 2048]), budget=st.sampled_from([0, 6, 1 << 20]))
+@given(
+    rollouts=rollout_batches(),
+    block=st.sampled_from([1, 2, 3, 7, 2048]),
+    budget=st.sampled_from([0, 6, 1 << 20]),
+)
 def test_all_modes_equal_hf_dense_float64(kind, rollouts, block, budget, tmp_path_factory):
     hf, ours = hf_and_ours(kind, tmp_path_factory.getbasetemp())
     ref = hf_dense_step(hf, rollouts)
@@ -114,7 +125,10 @@ def test_float32_within_1e4(kind, tmp_path_factory):
     hf, ours32 = hf_and_ours(kind, tmp_path_factory.getbasetemp(), torch.float32)
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, VOCAB, 20).tolist()
-    rollouts = [make_rollout(prompt + rng.integers(0, VOCAB, 6 + i).tolist(), advantages=rng.normal()) for i in range(6)]
+    rollouts = [
+        make_rollout(prompt + rng.integers(0, VOCAB, 6 + i).tolist(), advantages=rng.normal())
+        for i in range(6)
+    ]
     ref = hf_dense_step(hf, rollouts)
     for mode in ("dense", "sparse", "dta"):
         res, grads = run_ours(ours32, rollouts, mode, block_size=8)
@@ -140,7 +154,9 @@ def test_deep_chain_no_recursion_limit(tmp_path_factory):
         # position j is in rollouts k >= j+1, each weight 1/total with advantage A_k; on-policy
         # ratio = 1 so the term is -A_k * exp(lp - lp.detach())
         total = sum(k - 1 for k in range(1, n + 1))
-        adv_sum = torch.tensor([sum(1.0 + 0.001 * k for k in range(j + 1, n + 1)) for j in range(n)], dtype=torch.float64)
+        adv_sum = torch.tensor(
+            [sum(1.0 + 0.001 * k for k in range(j + 1, n + 1)) for j in range(n)], dtype=torch.float64
+        )
         loss = (-(adv_sum * torch.exp(lp - lp.detach()))[1:]).sum() / total
         loss.backward()
     for k in (1, 2, 600, n):

@@ -27,7 +27,9 @@ def batches(draw) -> list[list[int]]:
     alphabet = draw(st.integers(1, 4))
     seq = st.lists(st.integers(0, alphabet - 1), min_size=1, max_size=10)
     out = draw(st.lists(seq, min_size=1, max_size=8))
-    for kind, pick, tail in draw(st.lists(st.tuples(st.sampled_from("dpe"), st.integers(0, 999), seq), max_size=6)):
+    for kind, pick, tail in draw(
+        st.lists(st.tuples(st.sampled_from("dpe"), st.integers(0, 999), seq), max_size=6)
+    ):
         s = out[pick % len(out)]
         out.append({"d": list(s), "p": s[: 1 + pick % len(s)], "e": s + tail}[kind])
     return draw(st.permutations(out))
@@ -114,7 +116,9 @@ def check_packed(forest: PrefixForest, seqs: list[list[int]]) -> None:
         prefixes.append(through.pop())
         assert packed.input_ids[k] == prefixes[-1][-1]
     assert sorted(prefixes) == sorted(distinct_prefixes(seqs))  # one packed token per distinct prefix
-    assert np.array_equal(packed.node_start, [np.flatnonzero(packed.node_of_token == n)[0] for n in range(len(forest.nodes))])
+    assert np.array_equal(
+        packed.node_start, [np.flatnonzero(packed.node_of_token == n)[0] for n in range(len(forest.nodes))]
+    )
     expected = np.array([[len(pk) <= len(pq) and pq[: len(pk)] == pk for pk in prefixes] for pq in prefixes])
     assert np.array_equal(packed.dense_mask(), expected)  # [q, k]
 
@@ -158,8 +162,14 @@ def test_deep_chain_has_no_recursion_limit():
     base = np.random.default_rng(0).integers(0, 5, n)
     forest = PrefixForest([base[: i + 1] for i in reversed(range(n))])  # sorting must reorder them
     assert forest.stats() == {
-        "sequences": n, "total_tokens": n * (n + 1) // 2, "unique_tokens": n, "sharing_ratio": (n + 1) / 2,
-        "nodes": n, "max_depth": n, "trees": 1, "max_path_tokens": n,
+        "sequences": n,
+        "total_tokens": n * (n + 1) // 2,
+        "unique_tokens": n,
+        "sharing_ratio": (n + 1) / 2,
+        "nodes": n,
+        "max_depth": n,
+        "trees": 1,
+        "max_path_tokens": n,
     }
     assert all(node.parent == node.id - 1 and node.ends == [n - 1 - node.id] for node in forest.nodes)
     assert forest.paths[0] == list(range(n))
@@ -192,8 +202,10 @@ def forest_of(rollouts) -> PrefixForest:
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_workload_is_deterministic_per_seed(name):
     def snapshot(seed):
-        return [(r.input_ids.tolist(), r.loss_mask.tolist(), r.advantages.tolist(), r.group)
-                for r in make_workload(name, 1000, seed=seed)]
+        return [
+            (r.input_ids.tolist(), r.loss_mask.tolist(), r.advantages.tolist(), r.group)
+            for r in make_workload(name, 1000, seed=seed)
+        ]
 
     assert snapshot(1) == snapshot(1)
     assert snapshot(1) != snapshot(2)

@@ -58,8 +58,11 @@ def reference_step(model, rollouts, cfg: LossConfig):
     advantages = [r.advantages.copy() for r in rollouts]
     if cfg.group_normalize_advantages:
         for i, r in enumerate(rollouts):
-            peers = [float(q.advantages[0]) for k, q in enumerate(rollouts)
-                     if (q.group is not None and q.group == r.group) or k == i]
+            peers = [
+                float(q.advantages[0])
+                for k, q in enumerate(rollouts)
+                if (q.group is not None and q.group == r.group) or k == i
+            ]
             mean = sum(peers) / len(peers)
             std = math.sqrt(sum((x - mean) ** 2 for x in peers) / len(peers))
             advantages[i] = (r.advantages - mean) / (std + cfg.group_std_eps)
@@ -74,7 +77,9 @@ def reference_step(model, rollouts, cfg: LossConfig):
             a = float(adv[j])
             old = lp[j].detach() if r.old_logprobs is None else float(r.old_logprobs[j])
             ratio = torch.exp(lp[j] - old)
-            surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.eps_clip_low, 1 + cfg.eps_clip_high) * a)
+            surrogate = torch.minimum(
+                ratio * a, torch.clamp(ratio, 1 - cfg.eps_clip_low, 1 + cfg.eps_clip_high) * a
+            )
             term = -surrogate
             if cfg.dual_clip is not None and a < 0:
                 term = torch.minimum(term, torch.tensor(-cfg.dual_clip * a, dtype=torch.float64))
@@ -139,7 +144,9 @@ def make_batch(model, seed=0, old_noise=0.6):
         near = rng.random(len(s)) < 0.5  # half the tokens (nearly) on-policy, half far off
         old = lp.numpy() + rng.normal(0, old_noise, len(s)) * np.where(near, 0.01, 1.0)
         ref = lp.numpy() + rng.normal(0, old_noise, len(s))
-        rollouts.append(make_rollout(s, mask, float(rng.normal()), old_logprobs=old, ref_logprobs=ref, group=g))
+        rollouts.append(
+            make_rollout(s, mask, float(rng.normal()), old_logprobs=old, ref_logprobs=ref, group=g)
+        )
     return rollouts
 
 
@@ -153,8 +160,15 @@ OPTIONS = {
     "entropy_bonus": LossConfig(entropy_coef=0.05),
     "sequence_mean": LossConfig(normalization="sequence_mean"),
     "constant": LossConfig(normalization="constant", constant_divisor=37.0),
-    "everything": LossConfig(eps_clip_low=0.1, eps_clip_high=0.3, dual_clip=2.0, kl_coef=0.1,
-                             entropy_coef=0.01, normalization="sequence_mean", group_normalize_advantages=True),
+    "everything": LossConfig(
+        eps_clip_low=0.1,
+        eps_clip_high=0.3,
+        dual_clip=2.0,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        normalization="sequence_mean",
+        group_normalize_advantages=True,
+    ),
 }
 
 
@@ -162,7 +176,9 @@ def assert_close(got_loss, got_grads, ref_loss, ref_grads):
     assert abs(got_loss.item() - ref_loss.item()) <= 1e-10 * max(1.0, abs(ref_loss.item()))
     for name, g in ref_grads.items():
         err = (got_grads[name] - g).norm().item()
-        assert err <= 1e-9 * g.norm().item() + 1e-14, f"{name}: relative grad error {err / g.norm().item():.2e}"
+        assert err <= 1e-9 * g.norm().item() + 1e-14, (
+            f"{name}: relative grad error {err / g.norm().item():.2e}"
+        )
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -188,7 +204,9 @@ def test_clipping_and_dual_clip_are_active(model):
 
 def test_on_policy_rollouts_without_old_logprobs(model):
     """Missing old log-probs mean on-policy (ratio 1): the loss is the plain policy gradient."""
-    rollouts = [make_rollout(r.input_ids, r.loss_mask, r.advantages, group=r.group) for r in make_batch(model)]
+    rollouts = [
+        make_rollout(r.input_ids, r.loss_mask, r.advantages, group=r.group) for r in make_batch(model)
+    ]
     cfg = LossConfig()
     ref_loss, ref_grads = reference_step(model, rollouts, cfg)
     loss, grads, stats = engine_step(model, rollouts, cfg, "dta", 2)
@@ -232,10 +250,16 @@ def test_user_errors_say_what_to_change(model):
     no_ref = [make_rollout(r.input_ids, r.loss_mask, r.advantages) for r in rollouts]
     with pytest.raises(ValueError, match="ref_logprobs.*loss.kl_coef=0"):
         engine_step(model, no_ref, LossConfig(kl_coef=0.1), "dta", 1)
-    per_token = [make_rollout(r.input_ids, r.loss_mask, np.linspace(-1, 1, len(r)), group=0) for r in rollouts]
+    per_token = [
+        make_rollout(r.input_ids, r.loss_mask, np.linspace(-1, 1, len(r)), group=0) for r in rollouts
+    ]
     with pytest.raises(ValueError, match="per-token advantages"):
         PolicyLoss(LossConfig(group_normalize_advantages=True)).prepare(per_token)
-    for bad, match in [({"normalization": "mean"}, "token_mean"), ({"kl_estimator": "k2"}, "k1"),
-                       ({"dual_clip": 0.5}, "dual_clip"), ({"eps_clip_low": -0.1}, "eps_clip")]:
+    for bad, match in [
+        ({"normalization": "mean"}, "token_mean"),
+        ({"kl_estimator": "k2"}, "k1"),
+        ({"dual_clip": 0.5}, "dual_clip"),
+        ({"eps_clip_low": -0.1}, "eps_clip"),
+    ]:
         with pytest.raises(ValueError, match=match):
             LossConfig(**bad)

@@ -39,7 +39,10 @@ def setup(tmp_path_factory):
     rollouts = []
     for i in range(6):
         turn = prompt + rng.integers(0, VOCAB, 5).tolist()
-        rollouts += [make_rollout(turn + rng.integers(0, VOCAB, 3 + j).tolist(), advantages=rng.normal()) for j in range(2)]
+        rollouts += [
+            make_rollout(turn + rng.integers(0, VOCAB, 3 + j).tolist(), advantages=rng.normal())
+            for j in range(2)
+        ]
     write_rollouts(tmp / "rollouts.jsonl", rollouts)
     return tmp, hf, rollouts
 
@@ -47,8 +50,18 @@ def setup(tmp_path_factory):
 def dump(tmp, name, *extra, nproc=1):
     out = tmp / f"{name}.pt"
     cmd = [sys.executable] if nproc == 1 else [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [str(ROOT / "tools/dump_step.py"), "--hf-checkpoint", str(tmp / "ckpt"), "--rollouts",
-            str(tmp / "rollouts.jsonl"), "--dtype", "float64", "--out", str(out), *extra]
+    cmd += [
+        str(ROOT / "tools/dump_step.py"),
+        "--hf-checkpoint",
+        str(tmp / "ckpt"),
+        "--rollouts",
+        str(tmp / "rollouts.jsonl"),
+        "--dtype",
+        "float64",
+        "--out",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -84,8 +97,20 @@ def test_assert_equal_detects_a_difference(setup):
     name = next(iter(d["grads"]))
     d["grads"][name] = d["grads"][name] * (1 + 1e-6)
     torch.save(d, tmp / "perturbed.pt")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/dump_step.py"), "--out", str(tmp / "perturbed.pt"),
-                           "--assert-equal-to", str(a)], capture_output=True, text=True, check=False, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/dump_step.py"),
+            "--out",
+            str(tmp / "perturbed.pt"),
+            "--assert-equal-to",
+            str(a),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 1 and name in proc.stdout
 
 
@@ -97,23 +122,32 @@ def test_hf_round_trip_is_bit_exact(kind, tmp_path):
     hf.save_pretrained(tmp_path / "src", max_shard_size="20KB")  # sharded on purpose
     assert hf_weight_map(tmp_path / "src") is not None
     model, hf_cfg = load_hf_checkpoint(tmp_path / "src", dtype=torch.float64)
-    save_hf_checkpoint(gather_hf(model, "param"), hf_cfg, tmp_path / "out", hf_weight_map(tmp_path / "src"), "float32")
+    save_hf_checkpoint(
+        gather_hf(model, "param"), hf_cfg, tmp_path / "out", hf_weight_map(tmp_path / "src"), "float32"
+    )
     src = {k: v for f in (tmp_path / "src").glob("*.safetensors") for k, v in load_file(f).items()}
     out = {k: v for f in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(f).items()}
     assert set(src) == set(out)
     for k, t in src.items():
         assert torch.equal(t, out[k]), k
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "src").iterdir()
-                                                                          if p.name != "generation_config.json")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in (tmp_path / "src").iterdir() if p.name != "generation_config.json"
+    )
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"use_sliding_window": True}, "sliding-window"),
-    ({"num_experts": 8}, "mixture of experts"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope scaling type 'yarn'"),
-    ({"model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"use_sliding_window": True}, "sliding-window"),
+        ({"num_experts": 8}, "mixture of experts"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+            "rope scaling type 'yarn'",
+        ),
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
 def test_unsupported_configs_are_refused(patch, message):
     cfg = make_hf_model("qwen2", vocab=VOCAB).config.to_dict()
     cfg.update(patch)
@@ -128,7 +162,20 @@ def test_rope_theta_is_read_from_rope_parameters():
 
 def test_bad_checkpoint_dir_gives_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}) + "\n{")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/dump_step.py"), "--hf-checkpoint", str(tmp_path),
-                           "--rollouts", "x.jsonl", "--out", str(tmp_path / "o.pt")], capture_output=True, text=True,
-                          check=False, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/dump_step.py"),
+            "--hf-checkpoint",
+            str(tmp_path),
+            "--rollouts",
+            "x.jsonl",
+            "--out",
+            str(tmp_path / "o.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr

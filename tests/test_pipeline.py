@@ -31,8 +31,10 @@ def forest(rng, trees=2):
         prompt = rng.integers(0, VOCAB, 11).tolist()
         for _ in range(2):
             turn = prompt + rng.integers(0, VOCAB, 6).tolist()
-            out += [make_rollout(turn + rng.integers(0, VOCAB, 2 + 3 * j).tolist(), advantages=rng.normal())
-                    for j in range(2)]
+            out += [
+                make_rollout(turn + rng.integers(0, VOCAB, 2 + 3 * j).tolist(), advantages=rng.normal())
+                for j in range(2)
+            ]
     out.append(make_rollout(rng.integers(0, VOCAB, 9).tolist(), advantages=1.0))  # a lone chain
     return out
 
@@ -44,9 +46,19 @@ def setup(tmp_path_factory):
         make_hf_model(kind, seed=3, vocab=VOCAB, layers=4).save_pretrained(tmp / kind)
     write_rollouts(tmp / "rollouts.jsonl", forest(np.random.default_rng(1)))
     # the generator's deep search trees and multi-turn forests (shared system prompt, branch points)
-    shapes = (tree_search(vocab_size=VOCAB, seed=2, num_roots=2, depth=3, branching=3, segment_len=4, prompt_len=6)
-              + multi_turn(vocab_size=VOCAB, seed=2, num_tasks=2, trajectories_per_task=3, turns=3, system_len=8,
-                           task_len=4, turn_len=3, obs_len=4))
+    shapes = tree_search(
+        vocab_size=VOCAB, seed=2, num_roots=2, depth=3, branching=3, segment_len=4, prompt_len=6
+    ) + multi_turn(
+        vocab_size=VOCAB,
+        seed=2,
+        num_tasks=2,
+        trajectories_per_task=3,
+        turns=3,
+        system_len=8,
+        task_len=4,
+        turn_len=3,
+        obs_len=4,
+    )
     write_rollouts(tmp / "shapes.jsonl", shapes)
     return tmp
 
@@ -56,12 +68,26 @@ def dump(tmp, kind, name, *extra, nproc=1, rollouts="rollouts.jsonl"):
     if out.exists():  # the same reference serves several tests
         return torch.load(out, weights_only=False)
     cmd = [sys.executable] if nproc == 1 else [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [str(ROOT / "tools/dump_step.py"), "--hf-checkpoint", str(tmp / kind), "--rollouts",
-            str(tmp / rollouts), "--dtype", "float64", "--mode", "dta", "--out", str(out), *extra]
+    cmd += [
+        str(ROOT / "tools/dump_step.py"),
+        "--hf-checkpoint",
+        str(tmp / kind),
+        "--rollouts",
+        str(tmp / rollouts),
+        "--dtype",
+        "float64",
+        "--mode",
+        "dta",
+        "--out",
+        str(out),
+        *extra,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s (pipeline deadlock?)\n{exc.stdout}\n{exc.stderr}")
+        pytest.fail(
+            f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s (pipeline deadlock?)\n{exc.stdout}\n{exc.stderr}"
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return torch.load(out, weights_only=False)
 
@@ -92,8 +118,23 @@ def test_pp2_with_recompute_on_generator_forests(setup):
     """Budget 0: every parent unit is recomputed from its saved input hidden on each stage; all
     three microbatches in flight at once, their events interleaved on both stages."""
     ref = dump(setup, "qwen3", "shapes_pp1", "--block-size", "5", rollouts="shapes.jsonl")
-    pp2 = dump(setup, "qwen3", "shapes_pp2", "--block-size", "5", "--pp", "2", "--microbatches", "3",
-               "--microbatches-in-flight", "3", "--activation-budget", "0", nproc=2, rollouts="shapes.jsonl")
+    pp2 = dump(
+        setup,
+        "qwen3",
+        "shapes_pp2",
+        "--block-size",
+        "5",
+        "--pp",
+        "2",
+        "--microbatches",
+        "3",
+        "--microbatches-in-flight",
+        "3",
+        "--activation-budget",
+        "0",
+        nproc=2,
+        rollouts="shapes.jsonl",
+    )
     assert_equal(pp2, ref)
 
 
@@ -132,12 +173,22 @@ def test_schedule_api_forward_only_and_accumulation_equal_pp1(setup):
     two calls accumulate the grads of one (the tied embedding summed once per call)."""
     ref = dump(setup, "qwen2", "pp1", "--block-size", "4")
     (setup / "schedule_api.py").write_text(SCHEDULE_API)
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(setup / "schedule_api.py"), str(setup / "qwen2"),
-           str(setup / "rollouts.jsonl"), str(setup / "schedule_api.pt")]
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(setup / "schedule_api.py"),
+        str(setup / "qwen2"),
+        str(setup / "rollouts.jsonl"),
+        str(setup / "schedule_api.pt"),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"pipeline schedule did not finish in {TIMEOUT_S}s (deadlock?)\n{exc.stdout}\n{exc.stderr}")
+        pytest.fail(
+            f"pipeline schedule did not finish in {TIMEOUT_S}s (deadlock?)\n{exc.stdout}\n{exc.stderr}"
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = torch.load(setup / "schedule_api.pt", weights_only=False)
     assert len(got["logprobs"]) == len(ref["logprobs"])
@@ -188,6 +239,7 @@ def issued_on_links(schedule, events, p, monkeypatch):
             key = current["shaped"] if kind == "recv" else current["key"]
             calls.setdefault((current["stage"], peer), []).append((kind, key))
             return Done()
+
         return op
 
     def shape_of(key):
@@ -198,10 +250,17 @@ def issued_on_links(schedule, events, p, monkeypatch):
     monkeypatch.setattr(pipeline.dist, "isend", record("send"))
     backward = [[b for b, _ in ev] for ev in events]
     for s in range(p):
-        links = {peer: pipeline._Link(peer, [(key, sender != s) for key, sender in
-                                             pipeline.link_order(schedule, backward, min(s, peer))],
-                                      shape_of, torch.float32, "cpu")
-                 for peer in (s - 1, s + 1) if 0 <= peer < p}
+        links = {
+            peer: pipeline._Link(
+                peer,
+                [(key, sender != s) for key, sender in pipeline.link_order(schedule, backward, min(s, peer))],
+                shape_of,
+                torch.float32,
+                "cpu",
+            )
+            for peer in (s - 1, s + 1)
+            if 0 <= peer < p
+        }
         current["stage"] = s
         tensor = torch.zeros(1)
         for j, i in schedule.orders[s]:
@@ -282,8 +341,10 @@ def test_schedule_is_deadlock_free_interleaved_and_bounded_by_paths_in_flight(wo
     trees: dict = {}
     for r in rollouts:
         trees.setdefault(r.group, []).append(r)
-    plans = [build_plan("dta", [r.input_ids for r in t], seq_offsets_of([len(r) for r in t]), 256)
-             for t in trees.values()]
+    plans = [
+        build_plan("dta", [r.input_ids for r in t], seq_offsets_of([len(r) for r in t]), 256)
+        for t in trees.values()
+    ]
     events = [event_tokens(plan.events()) for plan in plans]
     path_peak = max(dfs_schedule([ev], 1, 1).peak_kept_tokens[0] for ev in events)  # one DFS alone
     for p in (2, 3, 4):
@@ -294,5 +355,7 @@ def test_schedule_is_deadlock_free_interleaved_and_bounded_by_paths_in_flight(wo
             assert max(sched.peak_kept_tokens) <= k * path_peak  # memory: paths in flight, not trees
         if len(events) > 1:
             one, several = dfs_schedule(events, p, 1), dfs_schedule(events, p, p)
-            assert sorted(several.orders[0]) != several.orders[0] or p == 1  # stage 0 interleaves microbatches
+            assert (
+                sorted(several.orders[0]) != several.orders[0] or p == 1
+            )  # stage 0 interleaves microbatches
             assert several.bubble < one.bubble

@@ -116,7 +116,9 @@ def test_missing_file(tmp_path):
 def test_round_trip(tmp_path):
     rollouts = [
         make_rollout([1, 2, 3], [0, 1, 1], 0.25, group="task-7"),
-        make_rollout([4, 5], [0, 1], [0.0, -1.5], old_logprobs=[0.0, -0.1], ref_logprobs=[0.0, -0.2], group=3),
+        make_rollout(
+            [4, 5], [0, 1], [0.0, -1.5], old_logprobs=[0.0, -0.1], ref_logprobs=[0.0, -0.2], group=3
+        ),
         make_rollout([9], advantages=-2.0),
     ]
     rollouts[0].extra = {"meta": {"turns": [1, 2], "source": "sim"}}
@@ -131,17 +133,32 @@ def test_round_trip(tmp_path):
 
 
 def run_tool(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=60, cwd=TOOLS.parent)
+    return subprocess.run(
+        [sys.executable, str(TOOLS / name), *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=TOOLS.parent,
+    )
 
 
-@pytest.mark.parametrize("bad, extra, message", [
-    (record(loss_mask=[1, 1, 1]), ["--vocab-size", VOCAB],
-     ":2: field 'loss_mask': loss_mask[0] must be 0: the first token is never predicted"),
-    # without --vocab-size the only bound on a token id is what int64 holds
-    (record(input_ids=[1, 99999999999999999999999, 3]), [],
-     f":2: field 'input_ids': token 99999999999999999999999 at index 1 is outside [0, {2**63})"),
-])
+@pytest.mark.parametrize(
+    "bad, extra, message",
+    [
+        (
+            record(loss_mask=[1, 1, 1]),
+            ["--vocab-size", VOCAB],
+            ":2: field 'loss_mask': loss_mask[0] must be 0: the first token is never predicted",
+        ),
+        # without --vocab-size the only bound on a token id is what int64 holds
+        (
+            record(input_ids=[1, 99999999999999999999999, 3]),
+            [],
+            f":2: field 'input_ids': token 99999999999999999999999 at index 1 is outside [0, {2**63})",
+        ),
+    ],
+)
 def test_tree_stats_bad_file_exits_2_with_one_line(tmp_path, bad, extra, message):
     path = write_lines(tmp_path / "bad.jsonl", [record(), bad])
     result = run_tool("tree_stats.py", path, *extra)
@@ -162,7 +179,15 @@ def test_make_rollouts_then_tree_stats_json(tmp_path):
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)  # exactly one JSON object on stdout
     assert stats == json.loads(json.dumps(PrefixForest([r.input_ids for r in expected]).stats()))
-    assert {"sequences", "total_tokens", "unique_tokens", "sharing_ratio", "nodes", "max_depth", "trees"} <= set(stats)
+    assert {
+        "sequences",
+        "total_tokens",
+        "unique_tokens",
+        "sharing_ratio",
+        "nodes",
+        "max_depth",
+        "trees",
+    } <= set(stats)
 
 
 def test_make_rollout_leaves_callers_mask_alone():

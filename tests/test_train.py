@@ -36,12 +36,24 @@ PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
 STEPS = 6
 SMALL = {
-    "model": {"preset": "tiny", "arch": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
-                                         "num_layers": 2}},
+    "model": {
+        "preset": "tiny",
+        "arch": {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_layers": 2},
+    },
     "parallel": {"device": "cpu"},
-    "data": {"workload": "multi_turn", "rollouts_per_step": 6,
-             "workload_args": {"num_tasks": 2, "trajectories_per_task": 3, "turns": 3, "system_len": 16,
-                               "task_len": 8, "turn_len": 6, "obs_len": 6}},
+    "data": {
+        "workload": "multi_turn",
+        "rollouts_per_step": 6,
+        "workload_args": {
+            "num_tasks": 2,
+            "trajectories_per_task": 3,
+            "turns": 3,
+            "system_len": 16,
+            "task_len": 8,
+            "turn_len": 6,
+            "obs_len": 6,
+        },
+    },
     # lr high and clipping tight so that clipping, warmup and the cosine all act within 6 steps
     "optimizer": {"lr": 1.0e-2, "warmup_steps": 1, "grad_clip": 0.5, "weight_decay": 0.1},
     "loss": {"eps_clip_high": 0.28, "entropy_coef": 0.01},
@@ -51,8 +63,20 @@ SMALL = {
     "logging": {"progress": "lines"},
 }
 # everything in metrics.jsonl that is not a wall-clock or memory measurement
-EXACT_KEYS = ("step", "loss", "grad_norm", "lr", "total_tokens", "unique_tokens", "computed_tokens",
-              "sharing_ratio", "loss_tokens", "clip_fraction", "approx_kl", "entropy")
+EXACT_KEYS = (
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "total_tokens",
+    "unique_tokens",
+    "computed_tokens",
+    "sharing_ratio",
+    "loss_tokens",
+    "clip_fraction",
+    "approx_kl",
+    "entropy",
+)
 
 
 def small_config(tmp_path: Path, name: str = "small.yaml", **changes) -> Path:
@@ -72,10 +96,20 @@ def same_threads_env() -> dict:
 
 
 def cli(*args, timeout=120, torchrun=False, check=True) -> subprocess.CompletedProcess:
-    cmd = ([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_dta"] if torchrun
-           else [PY, "-m", "megatron_dta"])
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else same_threads_env())
+    cmd = (
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_dta"]
+        if torchrun
+        else [PY, "-m", "megatron_dta"]
+    )
+    proc = subprocess.run(
+        [*cmd, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else same_threads_env(),
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-12000:]
     return proc
@@ -102,8 +136,21 @@ def test_metrics_have_every_key_and_learn(reference):
     _, run = reference
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    required = {"step", "loss", "grad_norm", "lr", "total_tokens", "unique_tokens", "sharing_ratio",
-                "tokens_per_second", "seconds", "peak_memory_bytes", "clip_fraction", "approx_kl", "entropy"}
+    required = {
+        "step",
+        "loss",
+        "grad_norm",
+        "lr",
+        "total_tokens",
+        "unique_tokens",
+        "sharing_ratio",
+        "tokens_per_second",
+        "seconds",
+        "peak_memory_bytes",
+        "clip_fraction",
+        "approx_kl",
+        "entropy",
+    }
     for m in metrics:
         assert required <= set(m)
         assert m["unique_tokens"] < m["total_tokens"] and m["sharing_ratio"] > 1
@@ -136,7 +183,15 @@ def test_two_processes_equal_one(reference, tmp_path, parallel):
     _, run = reference
     out = tmp_path / "run"
     extra = {"dp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}[parallel]
-    cli("train", "--config", small_config(tmp_path), f"checkpoint.run_dir={out}", *extra, torchrun=True, timeout=180)
+    cli(
+        "train",
+        "--config",
+        small_config(tmp_path),
+        f"checkpoint.run_dir={out}",
+        *extra,
+        torchrun=True,
+        timeout=180,
+    )
     ours, ref = read_metrics(out / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert len(ours) == len(ref) == STEPS
     for a, b in zip(ours, ref):
@@ -154,8 +209,16 @@ def test_pp2_with_tied_embeddings_equals_one_process(tmp_path):
     config = small_config(tmp_path)
     tied = ["model.arch.tie_embeddings=true", "data.rollouts_per_step=12", "train.steps=2"]
     ref = train(Config.from_yaml(config, [f"checkpoint.run_dir={tmp_path / 'ref'}", *tied]))
-    cli("train", "--config", config, f"checkpoint.run_dir={tmp_path / 'pp2'}", "parallel.pp=2", *tied,
-        torchrun=True, timeout=180)
+    cli(
+        "train",
+        "--config",
+        config,
+        f"checkpoint.run_dir={tmp_path / 'pp2'}",
+        "parallel.pp=2",
+        *tied,
+        torchrun=True,
+        timeout=180,
+    )
     ours = read_metrics(tmp_path / "pp2" / "metrics.jsonl")
     assert len(ours) == len(ref) == 2
     for a, b in zip(ours, ref):
@@ -174,9 +237,20 @@ def test_deepspeed_zero2_dp2_equals_torch_dp1(tmp_path):
     order differ by ~1e-7 per step; six Adam steps keep that far below 1e-4."""
     cfg = small_config(tmp_path, train__dtype="float32")
     train(Config.from_yaml(cfg, [f"checkpoint.run_dir={tmp_path / 'torch'}"]))
-    cli("train", "--config", cfg, f"checkpoint.run_dir={tmp_path / 'ds'}", "optimizer.backend=deepspeed",
-        "optimizer.zero_stage=2", torchrun=True, timeout=240)
-    ours, ref = read_metrics(tmp_path / "ds" / "metrics.jsonl"), read_metrics(tmp_path / "torch" / "metrics.jsonl")
+    cli(
+        "train",
+        "--config",
+        cfg,
+        f"checkpoint.run_dir={tmp_path / 'ds'}",
+        "optimizer.backend=deepspeed",
+        "optimizer.zero_stage=2",
+        torchrun=True,
+        timeout=240,
+    )
+    ours, ref = (
+        read_metrics(tmp_path / "ds" / "metrics.jsonl"),
+        read_metrics(tmp_path / "torch" / "metrics.jsonl"),
+    )
     for a, b in zip(ours, ref, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -187,9 +261,19 @@ def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
     metrics are exactly those of the uninterrupted run (same CPU, same float64 ops)."""
     _, run = reference
     out = tmp_path / "run"
-    cmd = [PY, "-m", "megatron_dta", "train", "--config", str(small_config(tmp_path)), f"checkpoint.run_dir={out}",
-           "checkpoint.every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads_env())
+    cmd = [
+        PY,
+        "-m",
+        "megatron_dta",
+        "train",
+        "--config",
+        str(small_config(tmp_path)),
+        f"checkpoint.run_dir={out}",
+        "checkpoint.every=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads_env()
+    )
     deadline = time.monotonic() + 300  # generous: a busy 2-core machine slows the subprocess a lot
     try:
         while latest_complete(out) is None or step_of(latest_complete(out)) < 2:
@@ -235,8 +319,18 @@ def test_export_loads_in_transformers_with_our_logits(reference, tmp_path):
     assert export(str(run), str(hf_dir), step=4) == step_dir(run, 4)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa").eval()
     ours, _ = load_hf_checkpoint(hf_dir, dtype=torch.float64)
-    rollouts = make_workload("multi_turn", 128, 1, num_tasks=1, trajectories_per_task=2, turns=2, system_len=8,
-                             task_len=4, turn_len=4, obs_len=4)
+    rollouts = make_workload(
+        "multi_turn",
+        128,
+        1,
+        num_tasks=1,
+        trajectories_per_task=2,
+        turns=2,
+        system_len=8,
+        task_len=4,
+        turn_len=4,
+        obs_len=4,
+    )
     res = Engine(ours).logprobs(rollouts)
     with torch.no_grad(), float64_hf():
         for r, lp in zip(rollouts, res.logprobs):
@@ -250,12 +344,31 @@ def test_logprobs_command_writes_rollout_layout(tmp_path, pp):
     """pp=2: the forward-only pass through the DFS pipeline schedule (two microbatches, results
     from the last stage, written by rank 0) gives the same float64 values."""
     cfg_path = small_config(tmp_path)
-    rollouts = make_workload("multi_turn", 128, 2, num_tasks=2, trajectories_per_task=2, turns=2, system_len=8,
-                             task_len=4, turn_len=4, obs_len=4)
+    rollouts = make_workload(
+        "multi_turn",
+        128,
+        2,
+        num_tasks=2,
+        trajectories_per_task=2,
+        turns=2,
+        system_len=8,
+        task_len=4,
+        turn_len=4,
+        obs_len=4,
+    )
     write_rollouts(tmp_path / "in.jsonl", rollouts)
     extra = ["parallel.pp=2", "data.microbatch_tokens=30"] if pp == 2 else []
-    cli("logprobs", "--config", cfg_path, "--rollouts", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl",
-        *extra, torchrun=pp == 2)
+    cli(
+        "logprobs",
+        "--config",
+        cfg_path,
+        "--rollouts",
+        tmp_path / "in.jsonl",
+        "--out",
+        tmp_path / "out.jsonl",
+        *extra,
+        torchrun=pp == 2,
+    )
     cfg = Config.from_yaml(cfg_path)
     expected = Engine(build_model(cfg, create_layout(cfg))).logprobs(rollouts)
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -283,21 +396,43 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
 
 
 def test_bad_rollout_file_is_one_line_exit_2(tmp_path):
-    good = make_workload("multi_turn", 128, 0, num_tasks=1, trajectories_per_task=2, turns=2, system_len=8,
-                         task_len=4, turn_len=4, obs_len=4)
+    good = make_workload(
+        "multi_turn",
+        128,
+        0,
+        num_tasks=1,
+        trajectories_per_task=2,
+        turns=2,
+        system_len=8,
+        task_len=4,
+        turn_len=4,
+        obs_len=4,
+    )
     lines = [json.dumps(r.to_json()) for r in good[:2]]
     bad = json.loads(lines[1])
     bad["loss_mask"][0] = 1
     (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
-    line = one_line_error(cli("train", "--config", small_config(tmp_path), f"data.rollouts={tmp_path / 'bad.jsonl'}",
-                              "data.workload=null", f"checkpoint.run_dir={tmp_path / 'run'}", check=False))
+    line = one_line_error(
+        cli(
+            "train",
+            "--config",
+            small_config(tmp_path),
+            f"data.rollouts={tmp_path / 'bad.jsonl'}",
+            "data.workload=null",
+            f"checkpoint.run_dir={tmp_path / 'run'}",
+            check=False,
+        )
+    )
     assert f"{tmp_path / 'bad.jsonl'}:2: field 'loss_mask'" in line
 
 
 def test_config_errors_name_the_source_the_key_and_the_fix(tmp_path):
     path = small_config(tmp_path)
     cases = [
-        (["optimizer.lrr=1"], "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?); valid keys in optimizer: lr"),
+        (
+            ["optimizer.lrr=1"],
+            "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?); valid keys in optimizer: lr",
+        ),
         (["optimiser.lr=1"], "unknown section 'optimiser' (did you mean 'optimizer'?)"),
         (["train.steps=many"], "override 'train.steps=many': train.steps: expected an integer, got 'many'"),
         (["optimizer.betas=[0.9]"], "optimizer.betas: expected a list of 2 values"),
@@ -306,9 +441,15 @@ def test_config_errors_name_the_source_the_key_and_the_fix(tmp_path):
         (["model.arch.hidden=3"], "unknown key model.arch.hidden; valid keys: head_dim, hidden_size"),
         (["data.workload=nope"], "data.workload 'nope' is unknown; choose one of"),
         (["data.workload=null"], "set exactly one of data.rollouts"),
-        (["train.dtype=float64", "optimizer.backend=deepspeed"], "use optimizer.backend=torch or train.dtype=float32"),
+        (
+            ["train.dtype=float64", "optimizer.backend=deepspeed"],
+            "use optimizer.backend=torch or train.dtype=float32",
+        ),
         (["parallel.pp=0"], "parallel.pp must be >= 1"),
-        (["parallel.pp=2", "optimizer.backend=deepspeed", "train.dtype=float32"], "parallel.pp=2 needs optimizer.backend=torch"),
+        (
+            ["parallel.pp=2", "optimizer.backend=deepspeed", "train.dtype=float32"],
+            "parallel.pp=2 needs optimizer.backend=torch",
+        ),
         (["lr=1"], "must look like section.key=value"),
     ]
     for overrides, message in cases:
@@ -328,5 +469,7 @@ def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = Config.from_yaml(path)
         assert cfg.engine.block_size == 2048 or "cpu" in path.name, path
-    demo = Config.from_yaml(ROOT / "configs" / "demo_cpu.yaml", ["checkpoint.run_dir=runs/demo", "parallel.device=auto"])
+    demo = Config.from_yaml(
+        ROOT / "configs" / "demo_cpu.yaml", ["checkpoint.run_dir=runs/demo", "parallel.device=auto"]
+    )
     assert demo == Config()  # the file spells out the built-in defaults that `make demo` trains

@@ -22,9 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rollouts", required=True, help="rollout file (JSON Lines)")
     parser.add_argument("--ranks", type=int, required=True, help="data-parallel ranks to split over")
-    parser.add_argument("--max-tokens-per-microbatch", type=int, default=None,
-                        help="unique-token limit of one microbatch (default: none, one per rank)")
-    parser.add_argument("--cost-model", default=None, help="CostModel JSON (tools/calibrate.py); default built in")
+    parser.add_argument(
+        "--max-tokens-per-microbatch",
+        type=int,
+        default=None,
+        help="unique-token limit of one microbatch (default: none, one per rank)",
+    )
+    parser.add_argument(
+        "--cost-model", default=None, help="CostModel JSON (tools/calibrate.py); default built in"
+    )
     parser.add_argument("--json", required=True, help="where to write the plan")
     args = parser.parse_args(argv)
     if args.ranks < 1:
@@ -52,14 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     out["baselines"] = {name: p.imbalance for name, p in plans.items() if name != "balanced"}
     Path(args.json).write_text(json.dumps(out) + "\n")
 
-    print(f"{args.rollouts}: {len(forest.sequences):,} rollouts, {plan.unique_tokens:,} unique tokens, "
-          f"{args.ranks} ranks x {plan.num_microbatches} microbatches")
+    print(
+        f"{args.rollouts}: {len(forest.sequences):,} rollouts, {plan.unique_tokens:,} unique tokens, "
+        f"{args.ranks} ranks x {plan.num_microbatches} microbatches"
+    )
     print(f"{'plan':<20} {'imbalance':>10} {'slowest rank (s)':>17} {'duplicated':>12} {'dup %':>7}")
     for name, p in plans.items():
-        print(f"{name:<20} {p.imbalance:>10.3f} {p.rank_costs.max():>17.4f} {p.duplicated_tokens:>12,} "
-              f"{100 * p.duplicated_tokens / p.unique_tokens:>7.2f}")
-    print(f"lower bounds: imbalance {plan.lower_bound:.3f} (largest rollout alone on a rank), "
-          f"duplicated ~{plan.duplication_lower_bound:,} tokens (trees that must be cut)")
+        print(
+            f"{name:<20} {p.imbalance:>10.3f} {p.rank_costs.max():>17.4f} {p.duplicated_tokens:>12,} "
+            f"{100 * p.duplicated_tokens / p.unique_tokens:>7.2f}"
+        )
+    print(
+        f"lower bounds: imbalance {plan.lower_bound:.3f} (largest rollout alone on a rank), "
+        f"duplicated ~{plan.duplication_lower_bound:,} tokens (trees that must be cut)"
+    )
     print(f"wrote {args.json}")
     return 0
 

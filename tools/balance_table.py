@@ -18,9 +18,13 @@ from megatron_dta.synthetic import make_workload
 # workload -> its size for R ranks (generator defaults otherwise): per rank about
 SCALE = {
     "grpo": lambda r: {"num_prompts": 2 * r},  # 2 prompts x 8 completions
-    "multi_turn": lambda r: {"num_tasks": 2 * r},  # 2 tasks; one tree, as every rollout opens with the system prompt
+    "multi_turn": lambda r: {
+        "num_tasks": 2 * r
+    },  # 2 tasks; one tree, as every rollout opens with the system prompt
     "tree_search": lambda r: {"num_roots": 2 * r},  # 2 search trees of 1..81 leaves
-    "mixed": lambda r: {"num_small": max(96, 12 * r)},  # 12 small groups; 3 huge trees (from 8 ranks on, each > 1 rank)
+    "mixed": lambda r: {
+        "num_small": max(96, 12 * r)
+    },  # 12 small groups; 3 huge trees (from 8 ranks on, each > 1 rank)
     "long_paths": lambda r: {"num_paths": 4 * r},  # 4 ~8K-token paths; one tree under a 3K-token prompt
     "fanout": lambda r: {"num_completions": 16 * r},  # 16 completions; one tree under a 256-token prompt
 }
@@ -37,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     model = CostModel.load(args.cost_model) if args.cost_model else CostModel()
     limit = args.max_tokens_per_microbatch
 
-    print(f"max_tokens_per_microbatch = {limit}. imb. = max / mean predicted rank time; LB = its lower "
-          "bound (the largest rollout alone on a rank); dup % = duplicated / unique tokens; dup floor % = "
-          "what cutting the trees that must be cut costs at least; step x = the baseline's slowest rank "
-          "over ours.\n")
-    print("| workload | ranks | rollouts | unique tokens | mb/rank | imb. | LB | dup % | dup floor % "
-          "| round-robin imb. / dup % / step x | token greedy imb. / dup % / step x | seconds |")
+    print(
+        f"max_tokens_per_microbatch = {limit}. imb. = max / mean predicted rank time; LB = its lower "
+        "bound (the largest rollout alone on a rank); dup % = duplicated / unique tokens; dup floor % = "
+        "what cutting the trees that must be cut costs at least; step x = the baseline's slowest rank "
+        "over ours.\n"
+    )
+    print(
+        "| workload | ranks | rollouts | unique tokens | mb/rank | imb. | LB | dup % | dup floor % "
+        "| round-robin imb. / dup % / step x | token greedy imb. / dup % / step x | seconds |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.workloads:
         for ranks in args.ranks:
@@ -54,13 +62,20 @@ def main(argv: list[str] | None = None) -> int:
 
             pct = 100 / plan.unique_tokens
             versus = [
-                f"{p.imbalance:.3f} / {pct * p.duplicated_tokens:.1f} / {p.rank_costs.max() / plan.rank_costs.max():.2f}"
-                for p in (round_robin(forest, ranks, limit, model), token_count_greedy(forest, ranks, limit, model))
+                f"{p.imbalance:.3f} / {pct * p.duplicated_tokens:.1f} / "
+                f"{p.rank_costs.max() / plan.rank_costs.max():.2f}"
+                for p in (
+                    round_robin(forest, ranks, limit, model),
+                    token_count_greedy(forest, ranks, limit, model),
+                )
             ]
-            print(f"| {name} | {ranks} | {len(rollouts):,} | {plan.unique_tokens:,} | {plan.num_microbatches} "
-                  f"| **{plan.imbalance:.3f}** | {plan.lower_bound:.3f} | **{pct * plan.duplicated_tokens:.2f}** "
-                  f"| {pct * plan.duplication_lower_bound:.2f} | {versus[0]} | {versus[1]} | {seconds:.2f} |",
-                  flush=True)
+            print(
+                f"| {name} | {ranks} | {len(rollouts):,} | {plan.unique_tokens:,} | {plan.num_microbatches} "
+                f"| **{plan.imbalance:.3f}** | {plan.lower_bound:.3f} | "
+                f"**{pct * plan.duplicated_tokens:.2f}** "
+                f"| {pct * plan.duplication_lower_bound:.2f} | {versus[0]} | {versus[1]} | {seconds:.2f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -33,8 +33,10 @@ def bench_build(tokens: int, vocab_size: int, repeats: int = 3) -> None:
         forest = PrefixForest(seqs)
         best = min(best, time.perf_counter() - start)
     stats = forest.stats()
-    print(f"forest build: {stats['total_tokens']:,} tokens in {stats['sequences']:,} rollouts "
-          f"({stats['unique_tokens']:,} unique, sharing {stats['sharing_ratio']:.2f}, {stats['nodes']:,} nodes)")
+    print(
+        f"forest build: {stats['total_tokens']:,} tokens in {stats['sequences']:,} rollouts "
+        f"({stats['unique_tokens']:,} unique, sharing {stats['sharing_ratio']:.2f}, {stats['nodes']:,} nodes)"
+    )
     print(f"  best of {repeats}: {best:.3f} s = {best / stats['total_tokens'] * 1e5:.4f} s per 100K tokens")
 
 
@@ -60,8 +62,17 @@ def measure_load(path: str) -> None:
     before = current_rss_bytes()
     rollouts = load_rollouts(path)
     arrays = sum(r.input_ids.nbytes + r.loss_mask.nbytes + r.advantages.nbytes for r in rollouts)
-    print(json.dumps({"before": before, "peak": peak_rss_bytes(), "arrays": arrays, "rollouts": len(rollouts),
-                      "tokens": sum(map(len, rollouts))}))
+    print(
+        json.dumps(
+            {
+                "before": before,
+                "peak": peak_rss_bytes(),
+                "arrays": arrays,
+                "rollouts": len(rollouts),
+                "tokens": sum(map(len, rollouts)),
+            }
+        )
+    )
 
 
 def bench_load(megabytes: int, vocab_size: int) -> None:
@@ -69,14 +80,20 @@ def bench_load(megabytes: int, vocab_size: int) -> None:
         path = Path(tmp) / "rollouts.jsonl"
         write_file(path, megabytes, vocab_size)
         size = path.stat().st_size
-        out = subprocess.run([sys.executable, __file__, "--measure-load", str(path)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure-load", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     m = json.loads(out)
     mb = 1e6
     print(f"loader: {size / mb:.1f} MB file, {m['rollouts']:,} rollouts, {m['tokens']:,} tokens")
-    print(f"  peak RSS {m['peak'] / mb:.1f} MB = {m['peak'] / size:.2f}x file size "
-          f"(after imports {m['before'] / mb:.1f} MB; loading added {(m['peak'] - m['before']) / size:.2f}x; "
-          f"the parsed arrays alone are {m['arrays'] / size:.2f}x)")
+    print(
+        f"  peak RSS {m['peak'] / mb:.1f} MB = {m['peak'] / size:.2f}x file size "
+        f"(after imports {m['before'] / mb:.1f} MB; loading added {(m['peak'] - m['before']) / size:.2f}x; "
+        f"the parsed arrays alone are {m['arrays'] / size:.2f}x)"
+    )
 
 
 def main() -> None:

@@ -24,8 +24,13 @@ from itertools import pairwise
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="multi_turn", help="synthetic workload (default: multi_turn)")
-    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
-                    help="override a size of the synthetic workload, e.g. num_tasks=8 (repeatable)")
+    ap.add_argument(
+        "--workload-arg",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a size of the synthetic workload, e.g. num_tasks=8 (repeatable)",
+    )
     ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 2, 4], help="PP=2 runs with these K")
     ap.add_argument("--microbatches", type=int, default=4, help="contiguous shares of the workload's trees")
     ap.add_argument("--layers", type=int, default=8)
@@ -48,13 +53,22 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     layout = ParallelLayout.create(pp=2, device="cpu")
-    cfg = ModelConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                      num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128),
-                      head_dim=64, qk_norm=True)
+    cfg = ModelConfig(
+        vocab_size=1000,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        num_kv_heads=max(1, args.hidden // 128),
+        head_dim=64,
+        qk_norm=True,
+    )
     torch.manual_seed(0)
     full = Transformer(cfg, dtype=torch.float32) if layout.pp_rank == 0 else None
     stage = Transformer(cfg, dtype=torch.float32, stage=(layout.pp_rank, 2))
-    rollouts = make_workload(args.workload, vocab_size=cfg.vocab_size, seed=0, **parse_workload_args(args.workload_arg))
+    rollouts = make_workload(
+        args.workload, vocab_size=cfg.vocab_size, seed=0, **parse_workload_args(args.workload_arg)
+    )
     groups: dict = {}
     for r in rollouts:
         groups.setdefault(r.group, []).append(r)
@@ -73,9 +87,14 @@ def main(argv=None) -> int:
             full.zero_grad(set_to_none=True)
 
     def pp2(in_flight):
-        forward_backward_pipelining_dfs(forward_step_func=lambda it, _m: (next(it), loss, den),
-                                        data_iterator=iter(micro), model=stage, num_microbatches=len(micro),
-                                        engine_config=ecfg, microbatches_in_flight=in_flight)
+        forward_backward_pipelining_dfs(
+            forward_step_func=lambda it, _m: (next(it), loss, den),
+            data_iterator=iter(micro),
+            model=stage,
+            num_microbatches=len(micro),
+            engine_config=ecfg,
+            microbatches_in_flight=in_flight,
+        )
         stage.zero_grad(set_to_none=True)
 
     configs = {"pp1": pp1, **{f"pp2_in_flight_{k}": (lambda k=k: pp2(k)) for k in args.in_flight}}
@@ -90,17 +109,26 @@ def main(argv=None) -> int:
                 best[name] = min(best[name], time.perf_counter() - start)
     engine = Engine(stage, ecfg)
     events = [event_tokens(engine.plan(mb).events()) for mb in micro]
-    bubbles = {"pp1": 0.0, **{f"pp2_in_flight_{k}": dfs_schedule(events, 2, k).bubble for k in args.in_flight}}
+    bubbles = {
+        "pp1": 0.0,
+        **{f"pp2_in_flight_{k}": dfs_schedule(events, 2, k).bubble for k in args.in_flight},
+    }
     if layout.pp_rank == 0:
         tokens = sum(len(r) for r in rollouts)
-        print(f"workload {args.workload}: {tokens} tokens, {len(micro)} microbatches; {args.layers} layers, "
-              f"hidden {args.hidden}, float32, block size {args.block_size}, min of {args.repeats}")
+        print(
+            f"workload {args.workload}: {tokens} tokens, {len(micro)} microbatches; {args.layers} layers, "
+            f"hidden {args.hidden}, float32, block size {args.block_size}, min of {args.repeats}"
+        )
         print("| config | seconds/step | vs pp1 | simulated bubble |\n|---|---|---|---|")
         for name, sec in best.items():
             print(f"| {name} | {sec:.3f} | {best['pp1'] / sec:.2f}x | {bubbles[name]:.3f} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"tokens": tokens, "microbatches": len(micro), "seconds": best, "bubble": bubbles}, f, indent=1)
+                json.dump(
+                    {"tokens": tokens, "microbatches": len(micro), "seconds": best, "bubble": bubbles},
+                    f,
+                    indent=1,
+                )
     shutdown()
     return 0
 

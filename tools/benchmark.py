@@ -34,15 +34,26 @@ def parse_args(argv=None):
     data.add_argument("--rollouts", help="rollout file (JSON Lines)")
     data.add_argument("--workload", default="demo", help="synthetic workload name (default: demo)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
-    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
-                    help="override a size of the synthetic workload, e.g. prompt_len=3072 (repeatable)")
-    ap.add_argument("--modes", default="dense,sparse,dta", help="comma-separated: dense,sparse,dta,hf_dense,hf_sparse")
+    ap.add_argument(
+        "--workload-arg",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a size of the synthetic workload, e.g. prompt_len=3072 (repeatable)",
+    )
+    ap.add_argument(
+        "--modes", default="dense,sparse,dta", help="comma-separated: dense,sparse,dta,hf_dense,hf_sparse"
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode after 1 warm-up step")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float64")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--block-size", type=int, default=2048, help="dta: max tokens per unit")
-    ap.add_argument("--max-tokens-per-microbatch", type=int, default=None,
-                    help="sparse: unique tokens packed together (the forest is split beyond it)")
+    ap.add_argument(
+        "--max-tokens-per-microbatch",
+        type=int,
+        default=None,
+        help="sparse: unique tokens packed together (the forest is split beyond it)",
+    )
     ap.add_argument("--json", required=False, help="write the results here")
     ap.add_argument("--plot", help="also run the fan-out sweep and save a PNG plot here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -67,8 +78,17 @@ def run_worker(args) -> None:
 
     cfg = model_config(args)
     rollouts = load_rollouts(args.rollouts, cfg.vocab_size)
-    res = run_mode(args.worker, cfg, rollouts, args.steps, args.dtype, args.device, args.block_size,
-                   args.max_tokens_per_microbatch, args.hf_checkpoint)
+    res = run_mode(
+        args.worker,
+        cfg,
+        rollouts,
+        args.steps,
+        args.dtype,
+        args.device,
+        args.block_size,
+        args.max_tokens_per_microbatch,
+        args.hf_checkpoint,
+    )
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.worker_out).write_text(json.dumps(res))
 
@@ -78,14 +98,35 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
     from megatron_dta.rollouts import load_rollouts
 
     forest = PrefixForest([r.input_ids for r in load_rollouts(rollouts_path)])
-    out = {"total_tokens": forest.total_tokens, "unique_tokens": forest.unique_tokens,
-           "sharing_ratio": forest.sharing_ratio, "leaves": sum(1 for n in forest.nodes if not n.children),
-           "model": args.hf_checkpoint or args.model, "dtype": args.dtype, "modes": {}}
+    out = {
+        "total_tokens": forest.total_tokens,
+        "unique_tokens": forest.unique_tokens,
+        "sharing_ratio": forest.sharing_ratio,
+        "leaves": sum(1 for n in forest.nodes if not n.children),
+        "model": args.hf_checkpoint or args.model,
+        "dtype": args.dtype,
+        "modes": {},
+    }
     for mode in modes:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, str(HERE), "--worker", mode, "--worker-out", tmp.name, "--rollouts", rollouts_path,
-                   "--steps", str(args.steps), "--dtype", args.dtype, "--device", args.device,
-                   "--block-size", str(args.block_size)]
+            cmd = [
+                sys.executable,
+                str(HERE),
+                "--worker",
+                mode,
+                "--worker-out",
+                tmp.name,
+                "--rollouts",
+                rollouts_path,
+                "--steps",
+                str(args.steps),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+                "--block-size",
+                str(args.block_size),
+            ]
             cmd += ["--hf-checkpoint", args.hf_checkpoint] if args.hf_checkpoint else ["--model", args.model]
             if args.max_tokens_per_microbatch:
                 cmd += ["--max-tokens-per-microbatch", str(args.max_tokens_per_microbatch)]
@@ -104,20 +145,31 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
 def print_table(res: dict) -> None:
     modes = {m: r for m, r in res["modes"].items() if "error" not in r}
     base = modes.get("dense")
-    print(f"\n{res['total_tokens']:,} tokens, {res['unique_tokens']:,} unique, sharing ratio R = "
-          f"{res['sharing_ratio']:.2f}, model {res['model']}, {res['dtype']}, {res.get('device', '?')}")
-    print(f"{'mode':<10} {'s/step':>8} {'tokens/s':>10} {'vs dense':>9} {'/ R':>6} {'peak MiB':>9} {'step MiB':>9}")
+    print(
+        f"\n{res['total_tokens']:,} tokens, {res['unique_tokens']:,} unique, sharing ratio R = "
+        f"{res['sharing_ratio']:.2f}, model {res['model']}, {res['dtype']}, {res.get('device', '?')}"
+    )
+    print(
+        f"{'mode':<10} {'s/step':>8} {'tokens/s':>10} {'vs dense':>9} "
+        f"{'/ R':>6} {'peak MiB':>9} {'step MiB':>9}"
+    )
     for m, r in modes.items():
         if base:
             speed = base["seconds_per_step"] / r["seconds_per_step"]
             ratios = f"{speed:8.2f}x {speed / res['sharing_ratio']:6.2f}"
         else:
             ratios = f"{'-':>9} {'-':>6}"
-        print(f"{m:<10} {r['seconds_per_step']:8.3f} {r['tokens_per_second']:10.0f} {ratios} "
-              f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['step_memory_bytes'] / 2**20:9.0f}")
+        print(
+            f"{m:<10} {r['seconds_per_step']:8.3f} {r['tokens_per_second']:10.0f} {ratios} "
+            f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['step_memory_bytes'] / 2**20:9.0f}"
+        )
     if "dta" in modes and "sparse" in modes:
-        print(f"dta vs sparse: {modes['sparse']['seconds_per_step'] / modes['dta']['seconds_per_step']:.2f}x tokens/s, "
-              f"step memory {modes['dta']['step_memory_bytes'] / max(modes['sparse']['step_memory_bytes'], 1):.2f}x")
+        print(
+            f"dta vs sparse: "
+            f"{modes['sparse']['seconds_per_step'] / modes['dta']['seconds_per_step']:.2f}x tokens/s, "
+            f"step memory "
+            f"{modes['dta']['step_memory_bytes'] / max(modes['sparse']['step_memory_bytes'], 1):.2f}x"
+        )
 
 
 def sweep_and_plot(args, modes: list[str], png: str) -> dict:
@@ -134,8 +186,12 @@ def sweep_and_plot(args, modes: list[str], png: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for n in (4, 8, 16, 32, 64):
             path = f"{d}/fanout{n}.jsonl"
-            write_rollouts(path, make_workload("fanout", vocab, args.seed, prompt_len=256, num_completions=n,
-                                               completion_len=32))
+            write_rollouts(
+                path,
+                make_workload(
+                    "fanout", vocab, args.seed, prompt_len=256, num_completions=n, completion_len=32
+                ),
+            )
             points.append(run_modes(args, path, modes))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for m in modes:
@@ -148,7 +204,9 @@ def sweep_and_plot(args, modes: list[str], png: str) -> dict:
         axes[0, col].set(xlabel=key, ylabel="tokens/s")
         axes[1, col].set(xlabel=key, ylabel="peak memory (MiB)")
     axes[0, 0].legend()
-    fig.suptitle(f"fan-out sweep: 256-token prompt, 4..64 completions of 32 tokens ({args.model}, {args.dtype})")
+    fig.suptitle(
+        f"fan-out sweep: 256-token prompt, 4..64 completions of 32 tokens ({args.model}, {args.dtype})"
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"[benchmark] wrote {png}")
@@ -174,7 +232,9 @@ def main(argv=None) -> int:
         if path is None:
             path = f"{d}/workload.jsonl"
             overrides = parse_workload_args(args.workload_arg)
-            write_rollouts(path, make_workload(args.workload, model_config(args).vocab_size, args.seed, **overrides))
+            write_rollouts(
+                path, make_workload(args.workload, model_config(args).vocab_size, args.seed, **overrides)
+            )
         res = run_modes(args, path, modes)
         res["workload"] = args.rollouts or args.workload
         print_table(res)

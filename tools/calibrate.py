@@ -43,10 +43,15 @@ def main(argv=None) -> int:
     model = Transformer(cfg, dtype=dtype, device=device)
     engine = Engine(model, EngineConfig(mode="dta"), device=device)
     rng = np.random.default_rng(args.seed)
-    pools = {name: make_workload(name, cfg.vocab_size, args.seed, **kw) for name, kw in [
-        ("demo", {}), ("grpo", {"num_prompts": 4, "group_size": 8, "prompt_len": 128, "completion_len": 64}),
-        ("tree_search", {"num_roots": 2, "depth": 3, "segment_len": 32, "prompt_len": 128}),
-        ("fanout", {"num_completions": 32, "completion_len": 32})]}
+    pools = {
+        name: make_workload(name, cfg.vocab_size, args.seed, **kw)
+        for name, kw in [
+            ("demo", {}),
+            ("grpo", {"num_prompts": 4, "group_size": 8, "prompt_len": 128, "completion_len": 64}),
+            ("tree_search", {"num_roots": 2, "depth": 3, "segment_len": 32, "prompt_len": 128}),
+            ("fanout", {"num_completions": 32, "completion_len": 32}),
+        ]
+    }
     engine.forward_backward(pools["demo"][:4])  # warm-up
     feats, secs = [], []
     for i in range(args.samples):
@@ -64,8 +69,12 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         secs.append(time.perf_counter() - t0)
         feats.append(CostModel.features(forest))
-        print(f"[calibrate] {i + 1}/{args.samples} {name}: {len(batch)} rollouts, {forest.unique_tokens} unique "
-              f"tokens, {len(forest.nodes)} nodes: {secs[-1]:.3f} s", flush=True)
+        print(
+            f"[calibrate] {i + 1}/{args.samples} {name}: {len(batch)} rollouts, "
+            f"{forest.unique_tokens} unique "
+            f"tokens, {len(forest.nodes)} nodes: {secs[-1]:.3f} s",
+            flush=True,
+        )
     model_fit, err = CostModel.fit(np.array(feats), np.array(secs))
     pred = model_fit.predict(np.array(feats))
     for s, p in zip(secs, pred):

@@ -55,13 +55,23 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (DFS pipeline schedule)")
     ap.add_argument("--microbatches", type=int, default=1, help="pp > 1: microbatches per rank")
-    ap.add_argument("--microbatches-in-flight", type=int, default=None,
-                    help="pp > 1: microbatches a stage runs interleaved (default: 2 x pp)")
-    ap.add_argument("--activation-budget", type=int, default=1 << 20,
-                    help="dta: kept tokens on the DFS path before recomputing (0: recompute every parent)")
+    ap.add_argument(
+        "--microbatches-in-flight",
+        type=int,
+        default=None,
+        help="pp > 1: microbatches a stage runs interleaved (default: 2 x pp)",
+    )
+    ap.add_argument(
+        "--activation-budget",
+        type=int,
+        default=1 << 20,
+        help="dta: kept tokens on the DFS path before recomputing (0: recompute every parent)",
+    )
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / tp)")
     ap.add_argument("--out", required=True, help="dump file (torch.save), or the dump to check")
-    ap.add_argument("--assert-equal-to", metavar="OTHER.pt", help="compare --out with OTHER.pt and exit 1 on a difference")
+    ap.add_argument(
+        "--assert-equal-to", metavar="OTHER.pt", help="compare --out with OTHER.pt and exit 1 on a difference"
+    )
     args = ap.parse_args(argv)
 
     if args.assert_equal_to:
@@ -81,8 +91,19 @@ def main(argv=None) -> int:
     from megatron_dta.parity import dump_step
 
     with user_errors():
-        dump = dump_step(args.hf_checkpoint, args.rollouts, args.mode, args.dtype, args.block_size, args.tp, args.dp,
-                         args.pp, args.microbatches, args.activation_budget, args.microbatches_in_flight)
+        dump = dump_step(
+            args.hf_checkpoint,
+            args.rollouts,
+            args.mode,
+            args.dtype,
+            args.block_size,
+            args.tp,
+            args.dp,
+            args.pp,
+            args.microbatches,
+            args.activation_budget,
+            args.microbatches_in_flight,
+        )
         if dump is not None:
             torch.save(dump, args.out)
             print(f"wrote {args.out}: {len(dump['logprobs'])} rollouts, loss {dump['loss'].item():.12g}")

@@ -53,7 +53,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--heads", type=int, nargs=3, default=[14, 2, 64], metavar=("N", "K", "D"))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=240, help="skip what would start after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=240, help="skip what would start after this many seconds"
+    )
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)

@@ -1,6 +1,6 @@
 """Write a synthetic workload (megatron_dta.synthetic) to a rollout file.
 
-    python tools/make_rollouts.py --workload NAME --vocab-size V --seed S --out FILE.jsonl
+python tools/make_rollouts.py --workload NAME --vocab-size V --seed S --out FILE.jsonl
 """
 
 import argparse

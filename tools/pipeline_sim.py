@@ -38,14 +38,26 @@ def plan_of(rollouts, block_size: int):
     return build_plan("dta", seqs, seq_offsets_of([len(s) for s in seqs]), block_size)
 
 
-def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int | None = None,
-          workload_args: dict | None = None) -> list[str]:
+def table(
+    workload: str,
+    stages,
+    ms,
+    block_size: int,
+    seed: int,
+    in_flight: int | None = None,
+    workload_args: dict | None = None,
+) -> list[str]:
     rollouts = make_workload(workload, vocab_size=1000, seed=seed, **(workload_args or {}))
     trees = len({r.group for r in rollouts})
-    lines = [(f"workload {workload}: {len(rollouts)} rollouts, {trees} trees, block_size {block_size}, "
-              f"in flight {in_flight or '2p'}"),
-             "| p | m | units | DFS bubble | 1F1B bubble | DFS peak kept tokens (mb in flight) | 1F1B peak tokens |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"workload {workload}: {len(rollouts)} rollouts, {trees} trees, block_size {block_size}, "
+            f"in flight {in_flight or '2p'}"
+        ),
+        "| p | m | units | DFS bubble | 1F1B bubble | "
+        "DFS peak kept tokens (mb in flight) | 1F1B peak tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     seen = set()
     for m in ms:
         plans = [plan_of(mb, block_size) for mb in microbatches(rollouts, m)]
@@ -57,9 +69,11 @@ def table(workload: str, stages, ms, block_size: int, seed: int, in_flight: int 
         for p in stages:
             sched = dfs_schedule(events, p, in_flight or 2 * p)
             m_real = len(plans)
-            lines.append(f"| {p} | {m_real} | {sum(map(len, events)) // 2} | {sched.bubble:.3f} "
-                         f"| {(p - 1) / (m_real + p - 1):.3f} | {max(sched.peak_kept_tokens)} "
-                         f"({max(sched.peak_in_flight)}) | {min(p, m_real) * biggest} |")
+            lines.append(
+                f"| {p} | {m_real} | {sum(map(len, events)) // 2} | {sched.bubble:.3f} "
+                f"| {(p - 1) / (m_real + p - 1):.3f} | {max(sched.peak_kept_tokens)} "
+                f"({max(sched.peak_in_flight)}) | {min(p, m_real) * biggest} |"
+            )
     return lines
 
 
@@ -68,17 +82,26 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="tree_search")
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--microbatches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--in-flight", type=int, default=None, help="microbatches in flight per stage (default: p)")
+    ap.add_argument(
+        "--in-flight", type=int, default=None, help="microbatches in flight per stage (default: p)"
+    )
     ap.add_argument("--block-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workload-arg", action="append", default=[], metavar="KEY=INT",
-                    help="override a size of the synthetic workload, e.g. num_roots=16 (repeatable)")
+    ap.add_argument(
+        "--workload-arg",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a size of the synthetic workload, e.g. num_roots=16 (repeatable)",
+    )
     args = ap.parse_args(argv)
     if min(args.stages) < 1 or min(args.microbatches) < 1 or (args.in_flight or 1) < 1:
         ap.error("--stages, --microbatches and --in-flight must be >= 1")
     try:
         extra = parse_workload_args(args.workload_arg)
-        lines = table(args.workload, args.stages, args.microbatches, args.block_size, args.seed, args.in_flight, extra)
+        lines = table(
+            args.workload, args.stages, args.microbatches, args.block_size, args.seed, args.in_flight, extra
+        )
     except (TypeError, ValueError) as exc:  # an unknown or malformed --workload-arg
         ap.error(str(exc))
     print("\n".join(lines))

@@ -51,18 +51,33 @@ class StepResult:
 class Engine:
     def __init__(self, model, cfg: EngineConfig | None = None, device: str = "cpu"):
         self.model, self.cfg, self.device = model, cfg or EngineConfig(), device
-        self.executor = Executor(model, get_attention_backend(self.cfg.attention, device),
-                                 self.cfg.activation_budget_tokens, device)
+        self.executor = Executor(
+            model,
+            get_attention_backend(self.cfg.attention, device),
+            self.cfg.activation_budget_tokens,
+            device,
+        )
 
     def plan(self, rollouts: list[Rollout]) -> Plan:
         if not rollouts:
             raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
         seqs = [r.input_ids for r in rollouts]
-        return build_plan(self.cfg.mode, seqs, seq_offsets_of([len(s) for s in seqs]),
-                          self.cfg.block_size, self.cfg.max_tokens_per_microbatch, self.cfg.pack_tokens)
+        return build_plan(
+            self.cfg.mode,
+            seqs,
+            seq_offsets_of([len(s) for s in seqs]),
+            self.cfg.block_size,
+            self.cfg.max_tokens_per_microbatch,
+            self.cfg.pack_tokens,
+        )
 
-    def start(self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None,
-              forward_only: bool = False) -> EngineRun:
+    def start(
+        self,
+        rollouts: list[Rollout],
+        loss: PolicyLoss | None = None,
+        denominator: float | None = None,
+        forward_only: bool = False,
+    ) -> EngineRun:
         """Plan ``rollouts`` and return a run whose ``events`` generator performs one unit event
         (forward or backward) per ``next()``; ``finish`` turns it into a ``StepResult``. Several
         runs may be alive at once (the pipeline schedule interleaves microbatches this way)."""
@@ -86,8 +101,9 @@ class Engine:
             pass
         return self.finish(run)
 
-    def forward_backward(self, rollouts: list[Rollout], loss: PolicyLoss | None = None,
-                         denominator: float | None = None) -> StepResult:
+    def forward_backward(
+        self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None
+    ) -> StepResult:
         """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad``.
 
         ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);

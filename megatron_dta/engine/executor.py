@@ -69,7 +69,11 @@ class Executor:
 
     def _alloc_stacks(self, plan: Plan):
         m = self.model
-        n_layers, k_local, d = len(m.layers), m.cfg.num_kv_heads // m.tp, m.cfg.head_dim  # this stage's layers
+        n_layers, k_local, d = (
+            len(m.layers),
+            m.cfg.num_kv_heads // m.tp,
+            m.cfg.head_dim,
+        )  # this stage's layers
         shape = (max(plan.max_path, 1), k_local, d)
         # gradients of a prefix shared by k children are sums of k terms: accumulate them in at
         # least float32 (bf16 would round k times where dense rounds once)
@@ -88,8 +92,13 @@ class Executor:
         n_flat = len(table["mask"])
         # results accumulate on the device and come to the host once, in finish (no sync per unit)
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
-        r = Run(plan, {k: v.to(self.device) for k, v in table.items()}, loss_fn, forward_only,
-                StepOutput(zeros(), zeros(n_flat), zeros(n_flat)))
+        r = Run(
+            plan,
+            {k: v.to(self.device) for k, v in table.items()},
+            loss_fn,
+            forward_only,
+            StepOutput(zeros(), zeros(n_flat), zeros(n_flat)),
+        )
         r.events = self._traverse(r)
         return r
 

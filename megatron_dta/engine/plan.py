@@ -102,7 +102,7 @@ class _UnitBuilder:
 
         for nid, c, length in segments:
             node = f.nodes[nid]
-            toks = node.tokens[c:c + length]
+            toks = node.tokens[c : c + length]
             ids.append(toks)
             pos.append(np.arange(node.offset + c, node.offset + c + length))
             bounds.append((start, length))
@@ -111,21 +111,42 @@ class _UnitBuilder:
             add_pairs(start + inner, toks[1:], node.offset + c + 1 + inner, node.sequences)
             last = start + length - 1
             if c + length < node.length:
-                add_pairs(np.array([last]), node.tokens[c + length:c + length + 1],
-                          np.array([node.offset + c + length]), node.sequences)
+                add_pairs(
+                    np.array([last]),
+                    node.tokens[c + length : c + length + 1],
+                    np.array([node.offset + c + length]),
+                    node.sequences,
+                )
             else:
                 for ch in node.children:
                     child = f.nodes[ch]
                     add_pairs(np.array([last]), child.tokens[:1], np.array([node.end]), child.sequences)
             start += length
 
-        cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)
+        cat = lambda xs: (
+            torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)
+        )
         input_ids = cat(ids)
-        spec = AttnSpec(prefix_len, len(input_ids),
-                        None if seg_in is None else torch.as_tensor(seg_in, dtype=torch.long),
-                        None if seg_out is None else torch.as_tensor(seg_out, dtype=torch.long))
-        return Unit(input_ids, cat(pos), prefix_len, spec, bounds, [[] for _ in bounds],
-                    cat(pair_h), cat(pair_t), cat(elem_p), cat(elem_f), seg_pos, [[i] for i in range(len(bounds))])
+        spec = AttnSpec(
+            prefix_len,
+            len(input_ids),
+            None if seg_in is None else torch.as_tensor(seg_in, dtype=torch.long),
+            None if seg_out is None else torch.as_tensor(seg_out, dtype=torch.long),
+        )
+        return Unit(
+            input_ids,
+            cat(pos),
+            prefix_len,
+            spec,
+            bounds,
+            [[] for _ in bounds],
+            cat(pair_h),
+            cat(pair_t),
+            cat(elem_p),
+            cat(elem_f),
+            seg_pos,
+            [[i] for i in range(len(bounds))],
+        )
 
 
 def seq_offsets_of(lengths) -> np.ndarray:
@@ -247,7 +268,9 @@ def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | 
         lengths = [seg[2] for seg in order]
         tok_seg = np.repeat(np.arange(len(order)), lengths)
         multi = len(order) > 1
-        unit = builder.build(order, prefix_len, tok_seg if multi else None, seg_out[tok_seg] if multi else None)
+        unit = builder.build(
+            order, prefix_len, tok_seg if multi else None, seg_out[tok_seg] if multi else None
+        )
         unit.seg_chain = chains
         return unit, order, [outside[seg] for seg in order]
 
@@ -263,12 +286,24 @@ def plan_dta(sequences, seq_offsets, block_size: int = 2048, pack_tokens: int | 
             for k, ((nid, c, length), rest) in enumerate(zip(order, outside)):
                 if rest:
                     todo.append((unit.children[k], rest, f.nodes[nid].offset + c + length))
-    return Plan("dta", roots, f.max_path_tokens, f.unique_tokens, n_units,
-                {"nodes": len(f.nodes), "sharing_ratio": f.sharing_ratio})
+    return Plan(
+        "dta",
+        roots,
+        f.max_path_tokens,
+        f.unique_tokens,
+        n_units,
+        {"nodes": len(f.nodes), "sharing_ratio": f.sharing_ratio},
+    )
 
 
-def build_plan(mode: str, sequences, seq_offsets, block_size: int = 2048, max_tokens_per_microbatch=None,
-               pack_tokens: int | None = None) -> Plan:
+def build_plan(
+    mode: str,
+    sequences,
+    seq_offsets,
+    block_size: int = 2048,
+    max_tokens_per_microbatch=None,
+    pack_tokens: int | None = None,
+) -> Plan:
     if mode == "dense":
         return plan_dense(sequences, seq_offsets)
     if mode == "sparse":

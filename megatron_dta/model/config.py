@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -72,10 +76,22 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-h128": ModelConfig("qwen3", 4096, 128, 352, 2, 2, 1, qk_norm=True),
     "small": ModelConfig("qwen3", 8192, 512, 1408, 8, 8, 4, qk_norm=True),
     # GPU benchmark scale (>= 0.5B parameters), Qwen2.5-0.5B-like and Qwen3-1.7B-like shapes
-    "0.5b": ModelConfig("qwen2", 151936, 896, 4864, 24, 14, 2, qkv_bias=True, tie_embeddings=True,
-                        rope_theta=1e6),
-    "1.7b": ModelConfig("qwen3", 151936, 2048, 6144, 28, 16, 8, head_dim=128, qk_norm=True,
-                        tie_embeddings=True, rope_theta=1e6),
+    "0.5b": ModelConfig(
+        "qwen2", 151936, 896, 4864, 24, 14, 2, qkv_bias=True, tie_embeddings=True, rope_theta=1e6
+    ),
+    "1.7b": ModelConfig(
+        "qwen3",
+        151936,
+        2048,
+        6144,
+        28,
+        16,
+        8,
+        head_dim=128,
+        qk_norm=True,
+        tie_embeddings=True,
+        rope_theta=1e6,
+    ),
 }
 
 

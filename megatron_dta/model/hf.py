@@ -35,8 +35,14 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         if cond:
             raise CheckpointError(f"{where}: {what} is not supported")
 
-    refuse(hf.get("use_sliding_window") or (mt == "llama" and hf.get("sliding_window")), "sliding-window attention")
-    refuse(any(k in hf and hf[k] for k in ("num_experts", "num_local_experts", "moe_intermediate_size")), "mixture of experts")
+    refuse(
+        hf.get("use_sliding_window") or (mt == "llama" and hf.get("sliding_window")),
+        "sliding-window attention",
+    )
+    refuse(
+        any(k in hf and hf[k] for k in ("num_experts", "num_local_experts", "moe_intermediate_size")),
+        "mixture of experts",
+    )
     refuse(hf.get("hidden_act", "silu") != "silu", f"hidden_act '{hf.get('hidden_act')}'")
     refuse(hf.get("mlp_bias"), "mlp_bias")
     rope = dict(hf.get("rope_parameters") or {})
@@ -46,25 +52,44 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
     return ModelConfig(
-        model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
+        model_type=mt,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=float(theta),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(theta),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias", False)),
-        qk_norm=(mt == "qwen3"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        qk_norm=(mt == "qwen3"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
+        cfg.model_type
+    ]
     out = {
-        "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": 32768, "dtype": dtype, "attention_bias": cfg.qkv_bias,
+        "architectures": [arch],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": 32768,
+        "dtype": dtype,
+        "attention_bias": cfg.qkv_bias,
     }
     return out
 
@@ -89,8 +114,10 @@ def param_map(cfg: ModelConfig, stage: tuple[int, int] = (0, 1)) -> list[tuple[s
         if cfg.qkv_bias:
             rows.append((us + "qkv.bias", [attn + p + "_proj.bias" for p in "qkv"], 0))
         if cfg.qk_norm:
-            rows += [(us + "q_norm.weight", [attn + "q_norm.weight"], None),
-                     (us + "k_norm.weight", [attn + "k_norm.weight"], None)]
+            rows += [
+                (us + "q_norm.weight", [attn + "q_norm.weight"], None),
+                (us + "k_norm.weight", [attn + "k_norm.weight"], None),
+            ]
     if last:
         rows.append(("final_norm.weight", ["model.norm.weight"], None))
         if not cfg.tie_embeddings:
@@ -161,7 +188,9 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def load_hf_into(model, tensors: dict[str, torch.Tensor], tp_rank: int = 0, where: str = "checkpoint") -> None:
+def load_hf_into(
+    model, tensors: dict[str, torch.Tensor], tp_rank: int = 0, where: str = "checkpoint"
+) -> None:
     cfg, tp = model.cfg, model.tp
     params = dict(model.named_parameters())
     for ours, hf_names, dim in param_map(cfg, model.stage):
@@ -173,13 +202,16 @@ def load_hf_into(model, tensors: dict[str, torch.Tensor], tp_rank: int = 0, wher
             parts = [_pad_vocab(p, model.padded_vocab) for p in parts]
         local = shard(parts, dim, tp, tp_rank)
         if local.shape != params[ours].shape:
-            raise CheckpointError(f"{where}: '{hf_names[0]}' has shape {tuple(parts[0].shape)}, "
-                                  f"which does not fit the config (expected shard {tuple(params[ours].shape)})")
+            raise CheckpointError(
+                f"{where}: '{hf_names[0]}' has shape {tuple(parts[0].shape)}, "
+                f"which does not fit the config (expected shard {tuple(params[ours].shape)})"
+            )
         params[ours].copy_(local)
 
 
-def load_hf_checkpoint(path, tp: int = 1, tp_rank: int = 0, dtype=torch.float32, device="cpu",
-                       stage: tuple[int, int] = (0, 1)):
+def load_hf_checkpoint(
+    path, tp: int = 1, tp_rank: int = 0, dtype=torch.float32, device="cpu", stage: tuple[int, int] = (0, 1)
+):
     """Build a Transformer from a local HF directory (TP shard ``tp_rank`` of ``tp``, pipeline
     stage ``stage=(pp_rank, pp_size)``)."""
     from megatron_dta.model.transformer import Transformer
@@ -224,8 +256,13 @@ def gather_hf(model, which: str = "param", group=None, pp_group=None) -> dict[st
     return out
 
 
-def save_hf_checkpoint(tensors: dict[str, torch.Tensor], hf_cfg: dict, out_dir, weight_map: dict | None = None,
-                       dtype: str | None = None) -> None:
+def save_hf_checkpoint(
+    tensors: dict[str, torch.Tensor],
+    hf_cfg: dict,
+    out_dir,
+    weight_map: dict | None = None,
+    dtype: str | None = None,
+) -> None:
     """Write config.json + safetensors atomically (temp dir, then rename). ``weight_map`` (name ->
     file, as in model.safetensors.index.json) reproduces a sharded layout."""
     from safetensors.torch import save_file
@@ -243,7 +280,10 @@ def save_hf_checkpoint(tensors: dict[str, torch.Tensor], hf_cfg: dict, out_dir, 
         for fname, group in files.items():
             save_file(group, str(tmp / fname), metadata={"format": "pt"})
         if len(files) > 1:
-            index = {"metadata": {}, "weight_map": {n: (weight_map or {}).get(n, "model.safetensors") for n in tensors}}
+            index = {
+                "metadata": {},
+                "weight_map": {n: (weight_map or {}).get(n, "model.safetensors") for n in tensors},
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if out_dir.exists():

@@ -131,7 +131,9 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def fused_logprob_entropy(hidden_TH, weight_VH, targets_T, vocab_start: int = 0, group=None, chunk: int = 1024):
+def fused_logprob_entropy(
+    hidden_TH, weight_VH, targets_T, vocab_start: int = 0, group=None, chunk: int = 1024
+):
     """(logprob of each target, entropy) of softmax(hidden @ weight.T) over the full vocabulary.
 
     ``weight_VH`` is this rank's vocab shard [V_local, H] starting at ``vocab_start`` (padding rows

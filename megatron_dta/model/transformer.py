@@ -28,7 +28,9 @@ warnings.filterwarnings("ignore", message="Warning: tp_group is None", category=
 
 
 class KVContext(Protocol):
-    def attend(self, layer: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
+    ) -> torch.Tensor:
         """Attention output [T, N, D] of this chunk's queries over the keys the strategy provides."""
 
 
@@ -51,13 +53,19 @@ class RMSNorm(nn.Module):
         xc = x.to(cdtype)
         xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
         # per-head q/k norms see only this rank's heads: their weight grad is a partial sum
-        w = self.weight if self.tp_group is None else _mp().copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+        w = (
+            self.weight
+            if self.tp_group is None
+            else _mp().copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+        )
         return w * xc.to(x.dtype)
 
 
 def rotary_tables(position_ids_T, head_dim: int, theta: float, dtype):
     cdtype = torch.promote_types(dtype, torch.float32)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=cdtype, device=position_ids_T.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=cdtype, device=position_ids_T.device) / head_dim)
+    )
     freqs_TD2 = position_ids_T.to(cdtype)[:, None] * inv_freq[None, :]
     emb_TD = torch.cat([freqs_TD2, freqs_TD2], dim=-1)
     return emb_TD.cos().to(dtype)[:, None, :], emb_TD.sin().to(dtype)[:, None, :]
@@ -80,29 +88,59 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         # fused q|k|v: each rank holds [its q heads, its k heads, its v heads] (hf.py lays it out)
         self.qkv = tpl.ColumnParallelLinear(
-            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, config=mp_config,
-            init_method=init, bias=cfg.qkv_bias, gather_output=False, tp_group=tp_group)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
+            cfg.hidden_size,
+            (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+            config=mp_config,
+            init_method=init,
+            bias=cfg.qkv_bias,
+            gather_output=False,
+            tp_group=tp_group,
+        )
+        self.q_norm = (
+            RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
+        )
         self.o_proj = tpl.RowParallelLinear(
-            cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+            cfg.num_heads * cfg.head_dim,
+            cfg.hidden_size,
+            config=mp_config,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         # fused gate|up, each rank [its gate rows, its up rows]
         self.gate_up = tpl.ColumnParallelLinear(
-            cfg.hidden_size, 2 * cfg.intermediate_size, config=mp_config, init_method=init, bias=False,
-            gather_output=False, tp_group=tp_group)
+            cfg.hidden_size,
+            2 * cfg.intermediate_size,
+            config=mp_config,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            tp_group=tp_group,
+        )
         self.down = tpl.RowParallelLinear(
-            cfg.intermediate_size, cfg.hidden_size, config=mp_config, init_method=init, bias=False,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            config=mp_config,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
 
     def forward(self, x_TH, cos, sin, kv: KVContext):
         T = x_TH.shape[0]
         qkv_TX = self.qkv(self.input_norm(x_TH))[0]
         nq, nk, d = self.n_local * self.d, self.k_local * self.d, self.d
         q_TND = qkv_TX[:, :nq].view(T, self.n_local, d)
-        k_TKD = qkv_TX[:, nq:nq + nk].view(T, self.k_local, d)
-        v_TKD = qkv_TX[:, nq + nk:].view(T, self.k_local, d)
+        k_TKD = qkv_TX[:, nq : nq + nk].view(T, self.k_local, d)
+        v_TKD = qkv_TX[:, nq + nk :].view(T, self.k_local, d)
         if self.q_norm is not None:
             q_TND, k_TKD = self.q_norm(q_TND), self.k_norm(k_TKD)
         q_TND, k_TKD = apply_rotary(q_TND, cos, sin), apply_rotary(k_TKD, cos, sin)
@@ -122,8 +160,14 @@ class Transformer(nn.Module):
     the embedding as ``lm_head``; ``megatron_dta.pipeline`` sums the two grads after backward.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: int = 1, dtype=torch.float32, device="cpu",
-                 stage: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: int = 1,
+        dtype=torch.float32,
+        device="cpu",
+        stage: tuple[int, int] = (0, 1),
+    ):
         super().__init__()
         from megatron.core import ModelParallelConfig
         from megatron.core import parallel_state as ps
@@ -131,7 +175,8 @@ class Transformer(nn.Module):
         if cfg.num_heads % tp or cfg.num_kv_heads % tp or cfg.intermediate_size % tp:
             raise ValueError(
                 f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
-                f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})")
+                f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})"
+            )
         pp_rank, pp = stage
         if cfg.num_layers % pp:
             raise ValueError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
@@ -142,25 +187,50 @@ class Transformer(nn.Module):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = self.tp_group.rank()
         if self.tp_group.size() != tp:
-            raise ValueError(f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks")
+            raise ValueError(
+                f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks"
+            )
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
         if (tp - 1) * (self.padded_vocab // tp) >= cfg.vocab_size:
-            raise ValueError(f"parallel.tp={tp} leaves a tensor-parallel rank without any of the "
-                             f"{cfg.vocab_size} vocabulary rows: use a smaller tp")
+            raise ValueError(
+                f"parallel.tp={tp} leaves a tensor-parallel rank without any of the "
+                f"{cfg.vocab_size} vocabulary rows: use a smaller tp"
+            )
         mp_config = ModelParallelConfig(
-            tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=(str(device) == "cpu"),
-            perform_initialization=True, gradient_accumulation_fusion=False)
+            tensor_model_parallel_size=tp,
+            params_dtype=dtype,
+            use_cpu_initialization=(str(device) == "cpu"),
+            perform_initialization=True,
+            gradient_accumulation_fusion=False,
+        )
         tpl = _mp()
         init = lambda w: nn.init.normal_(w, std=cfg.init_std)
-        self.embed = tpl.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config,
-                                                 tp_group=self.tp_group) if self.is_first else None
+        self.embed = (
+            tpl.VocabParallelEmbedding(
+                self.padded_vocab, cfg.hidden_size, init_method=init, config=mp_config, tp_group=self.tp_group
+            )
+            if self.is_first
+            else None
+        )
         # the layer index a layer hands to kv.attend is local: each stage keeps K/V of its own layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(n_local))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(n_local)
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device) if self.is_last else None
         own_head = self.is_last and (not cfg.tie_embeddings or not self.is_first)
-        self.lm_head = tpl.ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=init, bias=False, gather_output=False,
-            tp_group=self.tp_group) if own_head else None
+        self.lm_head = (
+            tpl.ColumnParallelLinear(
+                cfg.hidden_size,
+                self.padded_vocab,
+                config=mp_config,
+                init_method=init,
+                bias=False,
+                gather_output=False,
+                tp_group=self.tp_group,
+            )
+            if own_head
+            else None
+        )
         self.to(device)
 
     @property

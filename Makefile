@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m megatron_dta demo
 
-test: $(STAMP)
+# Lint and format are part of the test: a tree that `ruff format` would rewrite does not pass.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
-.PHONY: demo test
+# The developer loop: everything but the multi-process (torchrun) tests, well under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: demo lint test test-fast

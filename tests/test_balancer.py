@@ -6,6 +6,7 @@ balancer's DFS-order arithmetic.
 """
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -18,13 +19,15 @@ from hypothesis import strategies as st
 
 from megatron_dta.balancer import (
     FEATURES,
+    Assignment,
     CostModel,
-    _Layout,
+    Layout,
     balance,
     nnls,
     round_robin,
     token_count_greedy,
 )
+from megatron_dta.balancer.refine import cut_moves, move_or_swap_moves, shift_moves
 from megatron_dta.forest import PrefixForest
 from megatron_dta.rollouts import make_rollout, write_rollouts
 from megatron_dta.sampler import TreeSampler
@@ -101,7 +104,7 @@ def test_layout_features_match_the_forest_of_any_subset(seqs, data):
     """Tokens, attention pairs and rollouts of any set of rollouts are exact; nodes are the whole
     batch's nodes on their paths (at least as many as their own trie has)."""
     forest = forest_of(seqs)
-    layout = _Layout(forest, CostModel())
+    layout = Layout(forest, CostModel())
     positions = np.array(sorted(data.draw(st.sets(st.integers(0, len(seqs) - 1), min_size=1))))
     members = layout.order[positions]
     got = layout.features(positions)
@@ -123,7 +126,7 @@ def fewest_pieces(layout, a, b, max_cost, max_tokens) -> int:
 @PROPERTY
 @given(seqs=batches(), data=st.data())
 def test_cut_is_fewest_pieces_within_limits(seqs, data):
-    layout = _Layout(forest_of(seqs), CostModel())
+    layout = Layout(forest_of(seqs), CostModel())
     a, b = layout.trees[data.draw(st.integers(0, len(layout.trees) - 1))]
     max_tokens = data.draw(st.integers(1, 40))
     max_cost = layout.cost(a, b) * data.draw(st.floats(0.05, 1.5))
@@ -134,6 +137,42 @@ def test_cut_is_fewest_pieces_within_limits(seqs, data):
             layout.cost(c, e) <= max_cost * (1 + 1e-12) and layout.tokens(c, e) <= max_tokens
         )
     assert len(pieces) == fewest_pieces(layout, a, b, max_cost, max_tokens)
+
+
+def assignment_state(asg) -> tuple:
+    return (
+        list(asg.units),
+        list(asg.owner),
+        [sorted(on) for on in asg.on],
+        dict(asg.at_start),
+        dict(asg.at_end),
+        asg.loads.tolist(),
+    )
+
+
+@settings(max_examples=40, deadline=None)  # each example tries every proposed move
+@given(seqs=batches(), ranks=st.integers(2, 5), max_tokens=st.one_of(st.just(math.inf), st.integers(4, 40)))
+def test_every_refinement_move_keeps_a_partition_and_undoes_exactly(seqs, ranks, max_tokens):
+    """Each Shift, Swap and Cut the search proposes from an LPT placement changes the assignment,
+    leaves every rollout on exactly one rank, and its undo restores the state it was proposed in."""
+    layout = Layout(forest_of(seqs), CostModel())
+    limit = float(layout.cum_cost[-1]) / ranks
+    asg = Assignment(layout, [p for a, b in layout.trees for p in layout.cut(a, b, limit)], ranks, max_tokens)
+    asg.lpt(asg.cost)
+    r = int(np.argmax(asg.loads))
+    moves = shift_moves(asg, r)
+    for s in range(ranks):
+        if s != r:
+            moves += move_or_swap_moves(asg, r, s) + cut_moves(asg, r, s, asg.loads.mean())
+    before = assignment_state(asg)
+    for move in moves:
+        other = move.apply(asg)
+        assert other != r and assignment_state(asg) != before
+        held = sorted(p for on in asg.on for u in on for p in range(*asg.units[u]))
+        assert held == list(range(len(seqs)))
+        move.undo(asg)
+        asg.exact(*range(ranks))
+        assert assignment_state(asg) == before
 
 
 def test_nnls_recovers_known_coefficients():

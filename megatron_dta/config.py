@@ -22,6 +22,7 @@ import yaml
 from megatron_dta.checkpoint import CheckpointConfig
 from megatron_dta.data import DataConfig
 from megatron_dta.engine import EngineConfig
+from megatron_dta.errors import ConfigError
 from megatron_dta.losses import LossConfig
 from megatron_dta.metrics import LoggingConfig
 from megatron_dta.model.config import PRESETS, ModelConfig, preset
@@ -29,10 +30,6 @@ from megatron_dta.optim import OptimizerConfig
 
 DTYPES = ("float32", "float64", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message names the source, the key and the fix."""
 
 
 @dataclass
@@ -47,17 +44,17 @@ class ModelSection:
 
     def __post_init__(self):
         if self.preset is not None and self.hf_checkpoint is not None:
-            raise ValueError(
+            raise ConfigError(
                 "set at most one of model.preset (random init) and model.hf_checkpoint "
                 "(a local HF directory); set the other to null"
             )
         if self.hf_checkpoint is not None and self.arch:
-            raise ValueError(
+            raise ConfigError(
                 f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
                 "remove model.arch or use model.preset"
             )
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
         if self.hf_checkpoint is None:
             self.model_config()  # validates arch now rather than when the model is built
 
@@ -68,11 +65,11 @@ class ModelSection:
         hints = typing.get_type_hints(ModelConfig)
         for key, value in self.arch.items():
             if key not in hints:
-                raise ValueError(f"unknown key model.arch.{key}; valid keys: {', '.join(sorted(hints))}")
+                raise ConfigError(f"unknown key model.arch.{key}; valid keys: {', '.join(sorted(hints))}")
             try:
                 base[key] = _coerce(value, hints[key])
             except TypeError as exc:
-                raise ValueError(f"model.arch.{key}: expected {exc}, got {value!r}") from None
+                raise ConfigError(f"model.arch.{key}: expected {exc}, got {value!r}") from None
         return ModelConfig(**base)
 
 
@@ -87,16 +84,16 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.tp < 1:
-            raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
+            raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp < 1:
-            raise ValueError(f"parallel.pp must be >= 1, got {self.pp}")
+            raise ConfigError(f"parallel.pp must be >= 1, got {self.pp}")
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.microbatches_in_flight must be >= 1 or null (pp), "
                 f"got {self.microbatches_in_flight}"
             )
         if self.device not in DEVICES:
-            raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
+            raise ConfigError(f"parallel.device '{self.device}' must be one of {DEVICES}")
 
 
 @dataclass
@@ -107,9 +104,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype '{self.dtype}' must be one of {DTYPES}")
+            raise ConfigError(f"train.dtype '{self.dtype}' must be one of {DTYPES}")
 
 
 @dataclass
@@ -126,17 +123,17 @@ class Config:
 
     def __post_init__(self):
         if self.optimizer.backend == "deepspeed" and self.train.dtype == "float64":
-            raise ValueError(
+            raise ConfigError(
                 "optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
                 "would not be float64: use optimizer.backend=torch or train.dtype=float32"
             )
         if self.parallel.pp > 1 and self.optimizer.backend != "torch":
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
                 f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
             )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
-            raise ValueError(
+            raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"
             )
 
@@ -181,7 +178,7 @@ class Config:
             sections[name] = _build(section_cls, values, name, source, origin)
         try:
             return cls(**sections)
-        except ValueError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
     def to_dict(self) -> dict:
@@ -243,7 +240,7 @@ def _build(section_cls, values: dict, name: str, source: str, origin: dict):
             raise ConfigError(f"{where}: {name}.{key}: expected {exc}, got {value!r}") from None
     try:
         return section_cls(**kwargs)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_dta.errors import ConfigError
 from megatron_dta.rollouts import Rollout, load_rollouts
 from megatron_dta.sampler import TreeSampler
 from megatron_dta.synthetic import WORKLOADS, make_workload
@@ -36,22 +37,24 @@ class DataConfig:
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):
-            raise ValueError(
+            raise ConfigError(
                 "set exactly one of data.rollouts (a JSONL file) and data.workload "
                 f"(one of {sorted(WORKLOADS)}); set the other to null"
             )
         if self.workload is not None and self.workload not in WORKLOADS:
-            raise ValueError(f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}")
+            raise ConfigError(
+                f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}"
+            )
         if self.rollouts_per_step is not None and self.rollouts_per_step < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}"
             )
         if self.microbatch_tokens is not None and self.microbatch_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}"
             )
         if self.cost_model is not None and not Path(self.cost_model).is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"data.cost_model '{self.cost_model}' is not a file: write one with "
                 "tools/calibrate.py --out FILE, or set data.cost_model to null"
             )
@@ -65,7 +68,12 @@ class DataConfig:
 def _cost_model(path: str | None):
     from megatron_dta.balancer import CostModel
 
-    return CostModel.load(path) if path else CostModel()
+    if not path:
+        return CostModel()
+    try:
+        return CostModel.load(path)
+    except ValueError as exc:  # the file's content: malformed JSON, unknown keys, negative values
+        raise ConfigError(f"data.cost_model {path}: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
@@ -74,7 +82,7 @@ def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
     try:
         return make_workload(cfg.workload, vocab_size, cfg.seed, **cfg.workload_args)
     except TypeError as exc:  # an argument the generator does not take
-        raise ValueError(f"data.workload_args: {exc}") from None
+        raise ConfigError(f"data.workload_args: {exc}") from None
 
 
 class TrainData:

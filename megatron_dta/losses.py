@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_dta.errors import ConfigError, UserError
 from megatron_dta.rollouts import Rollout
 
 NORMALIZATIONS = ("token_mean", "sequence_mean", "constant")
@@ -45,15 +46,15 @@ class LossConfig:
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss.normalization '{self.normalization}' must be one of {NORMALIZATIONS}")
+            raise ConfigError(f"loss.normalization '{self.normalization}' must be one of {NORMALIZATIONS}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"loss.kl_estimator '{self.kl_estimator}' must be one of {KL_ESTIMATORS}")
+            raise ConfigError(f"loss.kl_estimator '{self.kl_estimator}' must be one of {KL_ESTIMATORS}")
         if self.eps_clip_low < 0 or self.eps_clip_high < 0:
-            raise ValueError("loss.eps_clip_low and loss.eps_clip_high must be >= 0")
+            raise ConfigError("loss.eps_clip_low and loss.eps_clip_high must be >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"loss.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+            raise ConfigError(f"loss.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
         if self.normalization == "constant" and self.constant_divisor <= 0:
-            raise ValueError("loss.constant_divisor must be > 0")
+            raise ConfigError("loss.constant_divisor must be > 0")
 
 
 def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.ndarray]:
@@ -64,7 +65,7 @@ def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.
     groups: dict = {}
     for i, r in enumerate(rollouts):
         if np.any(r.advantages != r.advantages[0]):
-            raise ValueError(
+            raise UserError(
                 f"loss.group_normalize_advantages needs one scalar advantage (the reward) per rollout, but "
                 f"rollout {i} has per-token advantages; normalize them upstream or set "
                 f"loss.group_normalize_advantages=false"
@@ -118,7 +119,7 @@ class PolicyLoss:
         if cfg.kl_coef:
             missing = [i for i, r in enumerate(rollouts) if r.ref_logprobs is None]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"loss.kl_coef={cfg.kl_coef} needs 'ref_logprobs' in every rollout, but rollout "
                     f"{missing[0]} has none: compute them with `megatron-dta logprobs` using the "
                     f"reference model, or set loss.kl_coef=0"

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_dta.errors import ConfigError
+
 PROGRESS = ("auto", "bar", "lines", "none")
 
 
@@ -42,9 +44,9 @@ class LoggingConfig:
 
     def __post_init__(self):
         if self.progress not in PROGRESS:
-            raise ValueError(f"logging.progress '{self.progress}' must be one of {PROGRESS}")
+            raise ConfigError(f"logging.progress '{self.progress}' must be one of {PROGRESS}")
         if self.log_every < 1:
-            raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
+            raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_dta.attention import get_attention_backend
+from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
+from megatron_dta.errors import ConfigError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
 
@@ -33,9 +34,11 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"engine.mode '{self.mode}' must be one of {MODES}")
+            raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
-            raise ValueError(f"engine.block_size must be >= 1, got {self.block_size}")
+            raise ConfigError(f"engine.block_size must be >= 1, got {self.block_size}")
+        if self.attention not in ("auto", *BACKENDS):
+            raise ConfigError(f"engine.attention '{self.attention}' must be one of {('auto', *BACKENDS)}")
 
 
 @dataclass

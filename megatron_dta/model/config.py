@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
+
+from megatron_dta.errors import ConfigError
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 TORCH_DTYPES = {
@@ -34,30 +36,22 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model.model_type '{self.model_type}' is not one of {MODEL_TYPES}")
+            raise ConfigError(f"model.model_type '{self.model_type}' is not one of {MODEL_TYPES}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
                 f"({self.num_kv_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
 
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
@@ -97,5 +91,5 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
     return ModelConfig(**PRESETS[name].to_dict())

@@ -1,0 +1,86 @@
+"""The command line's contract: a user error is one line on stderr and exit code 2, any other
+exception is a bug and keeps its traceback; ``train --help`` lists every config key.
+
+The user-error cases run ``cli.main`` in this process (no model is built before the error), the
+bug case a subprocess, so that what a user sees (traceback, exit code) is what is checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_dta import cli
+from megatron_dta.cli_util import user_errors
+from megatron_dta.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``megatron-dta ARGV`` run in this process."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read config"),
+        (
+            ["train", "data.cost_model={tmp}/missing.json"],
+            "data.cost_model '{tmp}/missing.json' is not a file",
+        ),
+        (["train", "engine.attention=xformers"], "engine.attention 'xformers' must be one of"),
+        (
+            ["export", "--run-dir", "{tmp}/no_run", "--hf-out", "{tmp}/hf"],
+            "{tmp}/no_run: no complete checkpoint",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
+    code, err = run_main([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 2
+    assert err.splitlines() == [err.strip()] and err.startswith("error: "), err
+    assert expected.format(tmp=tmp_path) in err
+
+
+def test_malformed_cost_model_file_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "cost.json"
+    bad.write_text('{"per_token": -1}')
+    code, err = run_main(["train", f"data.cost_model={bad}"], capsys)
+    assert code == 2 and f"data.cost_model {bad}: CostModel.per_token must be a finite number >= 0" in err
+
+
+def test_only_user_errors_are_caught():
+    with pytest.raises(SystemExit) as info, user_errors():
+        raise UserError("bad input")
+    assert info.value.code == 2
+    for bug in (ValueError("internal"), FileNotFoundError("internal"), RuntimeError("internal")):
+        with pytest.raises(type(bug)), user_errors():
+            raise bug
+
+
+def test_an_internal_valueerror_keeps_its_traceback():
+    """A plain ValueError from inside the train command (as a bug would raise it) is not a user error:
+    the user sees the traceback and an exit code that is not 2."""
+    patched = (
+        "import sys\n"
+        "import megatron_dta.train\n"
+        "def broken(cfg, resume=False):\n"
+        "    raise ValueError('internal invariant broken')\n"
+        "megatron_dta.train.train = broken\n"
+        "from megatron_dta.cli import main\n"
+        "sys.exit(main(['train']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", patched], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+    )
+    assert proc.returncode not in (0, 2), proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ValueError: internal invariant broken" in proc.stderr
+    assert not any(line.startswith("error:") for line in proc.stderr.splitlines())

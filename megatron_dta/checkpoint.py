@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,13 @@ COMPLETE = "COMPLETE"
 
 @dataclass
 class CheckpointConfig:
-    run_dir: str = "runs/demo"  # metrics.jsonl, config.yaml and checkpoints/ go here
-    every: int = 0  # save every N steps (0: only at the end); the last step is always saved
-    keep_last: int | None = 2  # complete checkpoints kept; null keeps all
+    run_dir: str = field(
+        default="runs/demo", metadata={"help": "metrics.jsonl, config.yaml and checkpoints/ go here"}
+    )
+    every: int = field(
+        default=0, metadata={"help": "save every N steps (0: only at the end); the last step is always saved"}
+    )
+    keep_last: int | None = field(default=2, metadata={"help": "complete checkpoints kept; null keeps all"})
 
     def __post_init__(self):
         if self.every < 0:

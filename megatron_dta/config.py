@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,9 +40,28 @@ class ModelSection:
     checkpoint directory (architecture from its config.json), or neither: ``arch`` alone over the
     ModelConfig defaults. ``arch`` holds ModelConfig fields that replace the preset's."""
 
-    preset: str | None = "tiny"
-    hf_checkpoint: str | None = None
-    arch: dict = field(default_factory=dict)
+    preset: str | None = field(
+        default="tiny",
+        metadata={"help": f"a named architecture, randomly initialised: one of {', '.join(PRESETS)}"},
+    )
+    hf_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "a local HF checkpoint directory (config.json + *.safetensors): architecture and weights; "
+                "set model.preset to null"
+            )
+        },
+    )
+    arch: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "ModelConfig fields replacing the preset's (model.arch.KEY, listed below); not with "
+                "hf_checkpoint"
+            )
+        },
+    )
 
     def __post_init__(self):
         if self.preset is not None and self.hf_checkpoint is not None:
@@ -77,10 +98,23 @@ class ModelSection:
 class ParallelConfig:
     """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * pp))."""
 
-    tp: int = 1
-    pp: int = 1  # pipeline stages (DFS pipeline schedule); must divide model.num_layers
-    microbatches_in_flight: int | None = None  # pp > 1: per stage; null: 2 x pp (docs/pipeline.md)
-    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    tp: int = field(
+        default=1,
+        metadata={
+            "help": "tensor-parallel degree; divides model.num_heads, num_kv_heads and intermediate_size"
+        },
+    )
+    pp: int = field(
+        default=1, metadata={"help": "pipeline stages (DFS pipeline schedule); divides model.num_layers"}
+    )
+    microbatches_in_flight: int | None = field(
+        default=None,
+        metadata={"help": "pp > 1: microbatches a stage runs interleaved; null: 2 x pp (docs/pipeline.md)"},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": f"one of {', '.join(DEVICES)}; auto: cuda when a GPU is visible, else cpu"},
+    )
 
     def __post_init__(self):
         if self.tp < 1:
@@ -98,9 +132,12 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 6  # optimizer updates
-    seed: int = 0  # model initialisation (presets)
-    dtype: str = "float32"  # parameters and compute: float32, float64 (exactness checks) or bfloat16
+    steps: int = field(default=6, metadata={"help": "optimizer updates"})
+    seed: int = field(default=0, metadata={"help": "model initialisation (presets)"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "parameters and compute: float32, float64 (exactness checks) or bfloat16"},
+    )
 
     def __post_init__(self):
         if self.steps < 1:
@@ -256,9 +293,7 @@ def _coerce(value, hint):
                 return _coerce(value, option)
             except TypeError:
                 pass
-        raise TypeError(
-            " or ".join(_describe(a) for a in options) + (" or null" if type(None) in args else "")
-        )
+        raise TypeError(_describe(hint))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -287,6 +322,11 @@ def _coerce(value, hint):
 
 
 def _describe(hint) -> str:
+    """The values a YAML key of type ``hint`` takes, in words ("an integer or null")."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        named = " or ".join(_describe(a) for a in args if a is not type(None))
+        return named + (" or null" if type(None) in args else "")
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(typing.get_args(hint))} values"
     return {
@@ -296,3 +336,33 @@ def _describe(hint) -> str:
         str: "a string",
         dict: "a mapping",
     }.get(hint, str(hint))
+
+
+def config_help(width: int = 100) -> str:
+    """Every key of every section, with its type, default and help (the key listing of ``--help``).
+
+    Generated from the section dataclasses' fields, so it cannot drift from what loading accepts;
+    ``model.arch.KEY`` lists the ModelConfig fields that ``model.arch`` may replace.
+    """
+    lines = []
+    for name, section_cls in typing.get_type_hints(Config).items():
+        lines.append(f"{name}:")
+        lines += _keys_help(section_cls, name, width)
+    lines.append("model.arch (over the preset's values; with no preset, over these defaults):")
+    lines += _keys_help(ModelConfig, "model.arch", width)
+    return "\n".join(lines)
+
+
+def _keys_help(section_cls, prefix: str, width: int) -> list[str]:
+    hints = typing.get_type_hints(section_cls)
+    lines = []
+    for f in dataclasses.fields(section_cls):
+        if not f.init:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}.{f.name}: {_describe(hints[f.name])}, default {json.dumps(default)}")
+        indent = " " * 6
+        lines += textwrap.wrap(
+            f.metadata["help"], width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+    return lines

@@ -26,14 +26,40 @@ from megatron_dta.synthetic import WORKLOADS, make_workload
 
 @dataclass
 class DataConfig:
-    rollouts: str | None = None  # a rollout file (JSON Lines); or null for a synthetic workload
-    workload: str | None = "demo"  # synthetic workload name (megatron_dta.synthetic)
-    workload_args: dict = field(default_factory=dict)  # its generator's keyword arguments
-    rollouts_per_step: int | None = None  # global batch size in rollouts; null: all rollouts every step
-    microbatch_tokens: int | None = None  # max unique tokens of one microbatch on a rank; null: one
-    fill_old_logprobs: bool = True
-    seed: int = 0  # synthetic workload and sampling order
-    cost_model: str | None = None  # balancer cost model JSON from tools/calibrate.py; null: defaults
+    rollouts: str | None = field(
+        default=None,
+        metadata={"help": "a rollout file (JSON Lines, format in the README); null: a synthetic workload"},
+    )
+    workload: str | None = field(
+        default="demo",
+        metadata={
+            "help": f"a synthetic workload: one of {', '.join(sorted(WORKLOADS))}; null with data.rollouts"
+        },
+    )
+    workload_args: dict = field(
+        default_factory=dict,
+        metadata={"help": "the workload generator's keyword arguments (sizes, megatron_dta/synthetic.py)"},
+    )
+    rollouts_per_step: int | None = field(
+        default=None, metadata={"help": "global batch size in rollouts; null: all rollouts every step"}
+    )
+    microbatch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "max unique tokens of one microbatch on a rank; null: one microbatch per rank"},
+    )
+    fill_old_logprobs: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "rollouts without old_logprobs get them from the policy the first time they are trained on"
+            )
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "synthetic workload and sampling order"})
+    cost_model: str | None = field(
+        default=None,
+        metadata={"help": "balancer cost model JSON from tools/calibrate.py; null: built-in defaults"},
+    )
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):

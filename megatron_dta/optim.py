@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,15 +34,29 @@ BACKENDS = ("torch", "deepspeed", "megatron")
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 0.0  # the cosine schedule ends here
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # decoupled (AdamW); never on norms or biases
-    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
-    backend: str = "torch"
-    zero_stage: int = 1  # deepspeed: 1 partitions optimizer states, 2 gradients too
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr: float = field(default=0.0, metadata={"help": "where the cosine schedule ends"})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "linear warmup from lr / warmup_steps to lr, then cosine to min_lr"}
+    )
+    betas: tuple[float, float] = field(
+        default=(0.9, 0.999), metadata={"help": "AdamW moment decay rates, each in [0, 1)"}
+    )
+    eps: float = field(default=1e-8, metadata={"help": "AdamW denominator epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled (AdamW); never on norms or biases"})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "max global grad norm; null: no clipping"})
+    backend: str = field(
+        default="torch",
+        metadata={
+            "help": (
+                "torch (AdamW, DP all-reduce), deepspeed (ZeRO, CPU or GPU) or megatron (distributed "
+                "optimizer, CUDA only)"
+            )
+        },
+    )
+    zero_stage: int = field(
+        default=1, metadata={"help": "deepspeed: 1 partitions optimizer states over DP, 2 gradients too"}
+    )
 
     def __post_init__(self):
         if not self.lr > 0:

@@ -7,15 +7,19 @@ bug case a subprocess, so that what a user sees (traceback, exit code) is what i
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from megatron_dta import cli
 from megatron_dta.cli_util import user_errors
+from megatron_dta.config import Config
 from megatron_dta.errors import UserError
+from megatron_dta.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +88,28 @@ def test_an_internal_valueerror_keeps_its_traceback():
     assert "Traceback (most recent call last)" in proc.stderr
     assert "ValueError: internal invariant broken" in proc.stderr
     assert not any(line.startswith("error:") for line in proc.stderr.splitlines())
+
+
+def config_sections() -> list[tuple[str, type]]:
+    """(key prefix, dataclass) of every config section, and of the ModelConfig keys model.arch takes."""
+    return [*typing.get_type_hints(Config).items(), ("model.arch", ModelConfig)]
+
+
+@pytest.mark.parametrize("command", ["train", "logprobs"])
+def test_help_lists_every_key_of_every_section(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # help text is wrapped to the terminal width
+    keys = 0
+    for prefix, section_cls in config_sections():
+        for f in dataclasses.fields(section_cls):
+            if not f.init:
+                continue
+            text = f.metadata.get("help", "")
+            assert text, f"{prefix}.{f.name} has no help next to its field"
+            assert f"\n  {prefix}.{f.name}: " in out, f"{prefix}.{f.name} is missing from --help"
+            assert " ".join(text.split()) in flat, f"{prefix}.{f.name}: its help text is missing"
+            keys += 1
+    assert "\n  engine.pack_tokens: " in out and keys > 50

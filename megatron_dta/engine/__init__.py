@@ -8,7 +8,7 @@ layout (entry 0 is 0.0). The result is the same in every mode up to float round-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,12 +25,42 @@ __all__ = ["MODES", "Engine", "EngineConfig", "Plan", "StepResult"]
 
 @dataclass
 class EngineConfig:
-    mode: str = "dta"
-    block_size: int = 2048  # max tokens of one chunk of a long node (per-path chunks)
-    pack_tokens: int | None = None  # max tokens of sibling segments packed into one unit (None: block_size)
-    activation_budget_tokens: int = 1 << 20  # kept tokens on the DFS path before recomputing
-    max_tokens_per_microbatch: int | None = None  # sparse only: unique tokens packed together
-    attention: str = "auto"
+    mode: str = field(
+        default="dta",
+        metadata={
+            "help": (
+                "dta: DFS over the prefix forest reusing ancestors' K/V; sparse: packed microbatches under "
+                "a tree mask; dense: every rollout in full"
+            )
+        },
+    )
+    block_size: int = field(
+        default=2048, metadata={"help": "dta: max tokens of one chunk of a long node (per-path chunks)"}
+    )
+    pack_tokens: int | None = field(
+        default=None,
+        metadata={"help": "dta: max tokens of sibling segments packed into one unit; null: block_size"},
+    )
+    activation_budget_tokens: int = field(
+        default=1 << 20,
+        metadata={
+            "help": (
+                "dta: tokens whose activations are kept on the DFS path; beyond that parents are recomputed"
+            )
+        },
+    )
+    max_tokens_per_microbatch: int | None = field(
+        default=None, metadata={"help": "sparse: max unique tokens packed into one unit; null: no limit"}
+    )
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                f"attention backend: auto, {', '.join(BACKENDS)} (megatron_dta/attention.py); auto: the "
+                "fastest exact one"
+            )
+        },
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:

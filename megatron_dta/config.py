@@ -1,11 +1,12 @@
 """Training configuration: one dataclass per component, filled from YAML plus `section.key=value`.
 
-Each component owns its dataclass and validates it in ``__post_init__`` (loss: ``LossConfig``,
-engine: ``EngineConfig``, optimizer: ``OptimizerConfig``, ...); this module only assembles them
-into ``Config``. Loading checks every key and value type against the dataclass fields before any
-component sees them, so a mistake is refused with one line naming the YAML file (or the
-override), the key and what to change. The defaults are the CPU demo: a tiny model on the
-synthetic multi-turn workload.
+Each component owns its dataclass, documents every field next to it
+(``field(metadata={"help": ...})``) and validates it in ``__post_init__``, raising ``ConfigError``
+(loss: ``LossConfig``, engine: ``EngineConfig``, optimizer: ``OptimizerConfig``, ...); this module
+only assembles them into ``Config`` and lists their keys for ``--help`` (``config_help``). Loading
+checks every key and value type against the dataclass fields before any component sees them, so a
+mistake is refused with one line naming the YAML file (or the override), the key and what to
+change. The defaults are the CPU demo: a tiny model on the synthetic multi-turn workload.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ to own query ``q`` iff ``k <= q`` and k's segment is an ancestor-or-self of q's 
 (``seg_in[k] <= seg_in[q] < seg_out[k]``, segments numbered in DFS pre-order). One segment and no
 prefix is plain causal attention; a prefix makes it causal aligned to the bottom right.
 
-Backends (``attention.backend``), all exact up to their precision's round-off:
+Backends (the config key ``engine.attention``), all exact up to their precision's round-off:
 - ``sdpa``: torch scaled_dot_product_attention with a [T, P + T] boolean mask; the reference.
 - ``cascade``: the prefix attended once by all queries (no mask) and the own keys causally per
   sibling segment (under the own mask where segments nest; on CUDA always, via flex), merged with
@@ -42,8 +42,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_dta.errors import ConfigError, UserError
 
-class AttentionBackendUnavailable(ValueError):
+
+class AttentionBackendUnavailable(UserError):
     """The configured attention backend cannot run here; the message says what is missing."""
 
 
@@ -297,8 +299,8 @@ def _flex_call(q_TND, k_SKD, v_SKD, fm: _FlexMask, lse: bool = False):
         and any(t.requires_grad for t in (q_TND, k_SKD, v_SKD))
     ):
         raise AttentionBackendUnavailable(
-            "attention.backend 'flex' has no backward on CPU (torch's CPU flex attention is inference-only); "
-            "use attention.backend sdpa or cascade on CPU"
+            "engine.attention 'flex' has no backward on CPU (torch's CPU flex attention is inference-only); "
+            "set engine.attention=sdpa or engine.attention=cascade on CPU"
         )
 
     def padded(x, n):  # [tokens, heads, D] -> [1, heads, n, D]
@@ -374,9 +376,9 @@ def _import(module: str, backend: str, what: str):
         return importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 (Transformer Engine raises RuntimeError, not ImportError, without CUDA)
         raise AttentionBackendUnavailable(
-            f"attention.backend '{backend}' needs {what}, but importing {module} failed "
-            f"({type(e).__name__}: {e}). Install it on a CUDA machine, or choose attention.backend "
-            f"sdpa, cascade or flex."
+            f"engine.attention '{backend}' needs {what}, but importing {module} failed "
+            f"({type(e).__name__}: {e}). Install it on a CUDA machine, or set engine.attention "
+            f"to sdpa, cascade or flex."
         ) from None
 
 
@@ -423,8 +425,8 @@ def flash_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
         return _tree_fallback(q_TND, k_SKD, v_SKD, spec)
     if q_TND.dtype not in (torch.float16, torch.bfloat16):
         raise AttentionBackendUnavailable(
-            f"attention.backend 'flash' runs float16/bfloat16 only, the model is {q_TND.dtype}; "
-            "choose attention.backend sdpa, cascade or flex"
+            f"engine.attention 'flash' runs float16/bfloat16 only, the model is {q_TND.dtype}; "
+            "set engine.attention to sdpa, cascade or flex"
         )
     fa = _import("flash_attn", "flash", "flash-attn >= 2.1")
     if lay.kv_rows is not None:
@@ -468,7 +470,8 @@ def _check_available(name: str, device_type: str) -> None:
         return
     if device_type != "cuda":
         raise AttentionBackendUnavailable(
-            f"attention.backend '{name}' runs on CUDA only (device is {device_type}); choose sdpa or cascade"
+            f"engine.attention '{name}' runs on CUDA only (device is {device_type}); "
+            "set engine.attention to sdpa or cascade"
         )
     if name == "te":
         _import("transformer_engine.pytorch", "te", "NVIDIA Transformer Engine")
@@ -477,17 +480,17 @@ def _check_available(name: str, device_type: str) -> None:
         major, minor = (int(x) for x in fa.__version__.split(".")[:2])
         if (major, minor) < (2, 1):
             raise AttentionBackendUnavailable(
-                f"attention.backend 'flash' needs flash-attn >= 2.1 "
+                f"engine.attention 'flash' needs flash-attn >= 2.1 "
                 f"(bottom-right causal), found {fa.__version__}"
             )
 
 
 def get_attention_backend(name: str = "auto", device: str = "cpu"):
-    """The attention function for ``attention.backend``; ``auto`` picks the fastest exact one."""
+    """The attention function named by ``engine.attention``; ``auto`` picks the fastest exact one."""
     device_type = torch.device(device).type
     if name == "auto":
         return auto_cuda_attention if device_type == "cuda" else sdpa_attention
     if name not in BACKENDS:
-        raise ValueError(f"attention.backend '{name}' is unknown; choose one of {['auto', *BACKENDS]}")
+        raise ConfigError(f"engine.attention '{name}' is unknown; choose one of {['auto', *BACKENDS]}")
     _check_available(name, device_type)
     return BACKENDS[name]

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_dta.errors import CheckpointError, ConfigError
 from megatron_dta.model.hf import config_to_hf, gather_hf, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.parallel import ParallelLayout
 
@@ -32,15 +33,19 @@ COMPLETE = "COMPLETE"
 
 @dataclass
 class CheckpointConfig:
-    run_dir: str = "runs/demo"  # metrics.jsonl, config.yaml and checkpoints/ go here
-    every: int = 0  # save every N steps (0: only at the end); the last step is always saved
-    keep_last: int | None = 2  # complete checkpoints kept; null keeps all
+    run_dir: str = field(
+        default="runs/demo", metadata={"help": "metrics.jsonl, config.yaml and checkpoints/ go here"}
+    )
+    every: int = field(
+        default=0, metadata={"help": "save every N steps (0: only at the end); the last step is always saved"}
+    )
+    keep_last: int | None = field(default=2, metadata={"help": "complete checkpoints kept; null keeps all"})
 
     def __post_init__(self):
         if self.every < 0:
-            raise ValueError(f"checkpoint.every must be >= 0 (0: only at the end), got {self.every}")
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only at the end), got {self.every}")
         if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {self.keep_last}")
+            raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {self.keep_last}")
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -121,7 +126,7 @@ class Checkpointer:
         optimizer.load(path / "optimizer")
         rng = path / f"rng_rank{self.layout.rank}.pt"
         if not rng.is_file():
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: no RNG state for rank {self.layout.rank}: resume with the world size "
                 "the checkpoint was written with"
             )

@@ -1,8 +1,9 @@
 """`megatron-dta` (also `python -m megatron_dta`): train, logprobs, export, demo.
 
 Run it directly for one process, or under `torchrun --nproc-per-node N` (one or many nodes) for
-tensor and data parallelism. Mistakes in the config, the overrides or a rollout file end the
-command with one line on stderr and exit code 2.
+tensor and data parallelism. Mistakes in the config, the overrides, a rollout file or a checkpoint
+(``errors.UserError``) end the command with one line on stderr and exit code 2; anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,28 +15,27 @@ import warnings
 
 CONFIG_HELP = """\
 configuration: a YAML file of sections, each a mapping of keys; the defaults are the CPU demo.
-  model       preset | hf_checkpoint (local HF directory) | arch (ModelConfig fields over the preset)
-  parallel    tp, pp (1: pipeline stages), microbatches_in_flight (pp > 1; default 2 x pp),
-              device (auto|cpu|cuda); data parallel = world size / (tp x pp)
-  data        rollouts (JSONL) | workload (+ workload_args), rollouts_per_step, microbatch_tokens,
-              cost_model (tools/calibrate.py output),
-              fill_old_logprobs, seed
-  loss        eps_clip_low/high, dual_clip, kl_coef, kl_estimator (k1|k3), entropy_coef,
-              normalization (token_mean|sequence_mean|constant), constant_divisor,
-              group_normalize_advantages, group_std_eps
-  optimizer   lr, min_lr, warmup_steps, betas, eps, weight_decay, grad_clip,
-              backend (torch|deepspeed|megatron), zero_stage (1|2)
-  engine      mode (dta|sparse|dense), block_size, activation_budget_tokens,
-              max_tokens_per_microbatch, attention
-  train       steps, seed, dtype (float32|float64|bfloat16)
-  checkpoint  run_dir, every, keep_last
-  logging     progress (auto|bar|lines|none), log_every
-Override any key after the options: section.key=value (e.g. optimizer.lr=1e-5 train.steps=100)."""
+Override any key after the options: section.key=value (e.g. optimizer.lr=1e-5 train.steps=100).
+Data parallel = world size / (parallel.tp x parallel.pp). Every key, its type, default and meaning:
+
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Appends the config keys (generated from the config dataclasses) to an epilog of
+    ``CONFIG_HELP`` only when help is printed: building it imports torch, which ``--help`` need not."""
+
+    def format_help(self) -> str:
+        if self.epilog == CONFIG_HELP:
+            from megatron_dta.config import config_help
+
+            self.epilog = CONFIG_HELP + config_help()
+        return super().format_help()
 
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    ap = argparse.ArgumentParser(prog="megatron-dta", description=__doc__, formatter_class=fmt)
+    ap = _Parser(prog="megatron-dta", description=__doc__, formatter_class=fmt)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(

@@ -5,16 +5,15 @@ from __future__ import annotations
 import contextlib
 import sys
 
-
-class UserError(ValueError):
-    """Bad input or configuration; its message says what to change."""
+from megatron_dta.errors import UserError
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Print ValueError/FileNotFoundError messages (user input problems) without a traceback."""
+    """Print a ``UserError`` as one line and exit 2; any other exception is a bug and propagates
+    with its traceback (so it cannot pass for a user mistake)."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

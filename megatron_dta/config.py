@@ -1,17 +1,20 @@
 """Training configuration: one dataclass per component, filled from YAML plus `section.key=value`.
 
-Each component owns its dataclass and validates it in ``__post_init__`` (loss: ``LossConfig``,
-engine: ``EngineConfig``, optimizer: ``OptimizerConfig``, ...); this module only assembles them
-into ``Config``. Loading checks every key and value type against the dataclass fields before any
-component sees them, so a mistake is refused with one line naming the YAML file (or the
-override), the key and what to change. The defaults are the CPU demo: a tiny model on the
-synthetic multi-turn workload.
+Each component owns its dataclass, documents every field next to it
+(``field(metadata={"help": ...})``) and validates it in ``__post_init__``, raising ``ConfigError``
+(loss: ``LossConfig``, engine: ``EngineConfig``, optimizer: ``OptimizerConfig``, ...); this module
+only assembles them into ``Config`` and lists their keys for ``--help`` (``config_help``). Loading
+checks every key and value type against the dataclass fields before any component sees them, so a
+mistake is refused with one line naming the YAML file (or the override), the key and what to
+change. The defaults are the CPU demo: a tiny model on the synthetic multi-turn workload.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ import yaml
 from megatron_dta.checkpoint import CheckpointConfig
 from megatron_dta.data import DataConfig
 from megatron_dta.engine import EngineConfig
+from megatron_dta.errors import ConfigError
 from megatron_dta.losses import LossConfig
 from megatron_dta.metrics import LoggingConfig
 from megatron_dta.model.config import PRESETS, ModelConfig, preset
@@ -31,33 +35,48 @@ DTYPES = ("float32", "float64", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
-    """A bad configuration; the message names the source, the key and the fix."""
-
-
 @dataclass
 class ModelSection:
     """Where the architecture and weights come from: a named preset (random init), a local HF
     checkpoint directory (architecture from its config.json), or neither: ``arch`` alone over the
     ModelConfig defaults. ``arch`` holds ModelConfig fields that replace the preset's."""
 
-    preset: str | None = "tiny"
-    hf_checkpoint: str | None = None
-    arch: dict = field(default_factory=dict)
+    preset: str | None = field(
+        default="tiny",
+        metadata={"help": f"a named architecture, randomly initialised: one of {', '.join(PRESETS)}"},
+    )
+    hf_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "a local HF checkpoint directory (config.json + *.safetensors): architecture and weights; "
+                "set model.preset to null"
+            )
+        },
+    )
+    arch: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "ModelConfig fields replacing the preset's (model.arch.KEY, listed below); not with "
+                "hf_checkpoint"
+            )
+        },
+    )
 
     def __post_init__(self):
         if self.preset is not None and self.hf_checkpoint is not None:
-            raise ValueError(
+            raise ConfigError(
                 "set at most one of model.preset (random init) and model.hf_checkpoint "
                 "(a local HF directory); set the other to null"
             )
         if self.hf_checkpoint is not None and self.arch:
-            raise ValueError(
+            raise ConfigError(
                 f"model.arch {sorted(self.arch)} cannot change an HF checkpoint's architecture: "
                 "remove model.arch or use model.preset"
             )
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"model.preset '{self.preset}' is unknown; choose one of {sorted(PRESETS)}")
         if self.hf_checkpoint is None:
             self.model_config()  # validates arch now rather than when the model is built
 
@@ -68,11 +87,11 @@ class ModelSection:
         hints = typing.get_type_hints(ModelConfig)
         for key, value in self.arch.items():
             if key not in hints:
-                raise ValueError(f"unknown key model.arch.{key}; valid keys: {', '.join(sorted(hints))}")
+                raise ConfigError(f"unknown key model.arch.{key}; valid keys: {', '.join(sorted(hints))}")
             try:
                 base[key] = _coerce(value, hints[key])
             except TypeError as exc:
-                raise ValueError(f"model.arch.{key}: expected {exc}, got {value!r}") from None
+                raise ConfigError(f"model.arch.{key}: expected {exc}, got {value!r}") from None
         return ModelConfig(**base)
 
 
@@ -80,36 +99,52 @@ class ModelSection:
 class ParallelConfig:
     """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * pp))."""
 
-    tp: int = 1
-    pp: int = 1  # pipeline stages (DFS pipeline schedule); must divide model.num_layers
-    microbatches_in_flight: int | None = None  # pp > 1: per stage; null: 2 x pp (docs/pipeline.md)
-    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    tp: int = field(
+        default=1,
+        metadata={
+            "help": "tensor-parallel degree; divides model.num_heads, num_kv_heads and intermediate_size"
+        },
+    )
+    pp: int = field(
+        default=1, metadata={"help": "pipeline stages (DFS pipeline schedule); divides model.num_layers"}
+    )
+    microbatches_in_flight: int | None = field(
+        default=None,
+        metadata={"help": "pp > 1: microbatches a stage runs interleaved; null: 2 x pp (docs/pipeline.md)"},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": f"one of {', '.join(DEVICES)}; auto: cuda when a GPU is visible, else cpu"},
+    )
 
     def __post_init__(self):
         if self.tp < 1:
-            raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
+            raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp < 1:
-            raise ValueError(f"parallel.pp must be >= 1, got {self.pp}")
+            raise ConfigError(f"parallel.pp must be >= 1, got {self.pp}")
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.microbatches_in_flight must be >= 1 or null (pp), "
                 f"got {self.microbatches_in_flight}"
             )
         if self.device not in DEVICES:
-            raise ValueError(f"parallel.device '{self.device}' must be one of {DEVICES}")
+            raise ConfigError(f"parallel.device '{self.device}' must be one of {DEVICES}")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 6  # optimizer updates
-    seed: int = 0  # model initialisation (presets)
-    dtype: str = "float32"  # parameters and compute: float32, float64 (exactness checks) or bfloat16
+    steps: int = field(default=6, metadata={"help": "optimizer updates"})
+    seed: int = field(default=0, metadata={"help": "model initialisation (presets)"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "parameters and compute: float32, float64 (exactness checks) or bfloat16"},
+    )
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"train.dtype '{self.dtype}' must be one of {DTYPES}")
+            raise ConfigError(f"train.dtype '{self.dtype}' must be one of {DTYPES}")
 
 
 @dataclass
@@ -126,17 +161,17 @@ class Config:
 
     def __post_init__(self):
         if self.optimizer.backend == "deepspeed" and self.train.dtype == "float64":
-            raise ValueError(
+            raise ConfigError(
                 "optimizer.backend=deepspeed keeps float32 master weights, so train.dtype=float64 "
                 "would not be float64: use optimizer.backend=torch or train.dtype=float32"
             )
         if self.parallel.pp > 1 and self.optimizer.backend != "torch":
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
                 f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
             )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
-            raise ValueError(
+            raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"
             )
 
@@ -181,7 +216,7 @@ class Config:
             sections[name] = _build(section_cls, values, name, source, origin)
         try:
             return cls(**sections)
-        except ValueError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
     def to_dict(self) -> dict:
@@ -243,7 +278,7 @@ def _build(section_cls, values: dict, name: str, source: str, origin: dict):
             raise ConfigError(f"{where}: {name}.{key}: expected {exc}, got {value!r}") from None
     try:
         return section_cls(**kwargs)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{_where(str(exc), source, origin)}: {exc}") from None
 
 
@@ -259,9 +294,7 @@ def _coerce(value, hint):
                 return _coerce(value, option)
             except TypeError:
                 pass
-        raise TypeError(
-            " or ".join(_describe(a) for a in options) + (" or null" if type(None) in args else "")
-        )
+        raise TypeError(_describe(hint))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -290,6 +323,11 @@ def _coerce(value, hint):
 
 
 def _describe(hint) -> str:
+    """The values a YAML key of type ``hint`` takes, in words ("an integer or null")."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        named = " or ".join(_describe(a) for a in args if a is not type(None))
+        return named + (" or null" if type(None) in args else "")
     if typing.get_origin(hint) is tuple:
         return f"a list of {len(typing.get_args(hint))} values"
     return {
@@ -299,3 +337,33 @@ def _describe(hint) -> str:
         str: "a string",
         dict: "a mapping",
     }.get(hint, str(hint))
+
+
+def config_help(width: int = 100) -> str:
+    """Every key of every section, with its type, default and help (the key listing of ``--help``).
+
+    Generated from the section dataclasses' fields, so it cannot drift from what loading accepts;
+    ``model.arch.KEY`` lists the ModelConfig fields that ``model.arch`` may replace.
+    """
+    lines = []
+    for name, section_cls in typing.get_type_hints(Config).items():
+        lines.append(f"{name}:")
+        lines += _keys_help(section_cls, name, width)
+    lines.append("model.arch (over the preset's values; with no preset, over these defaults):")
+    lines += _keys_help(ModelConfig, "model.arch", width)
+    return "\n".join(lines)
+
+
+def _keys_help(section_cls, prefix: str, width: int) -> list[str]:
+    hints = typing.get_type_hints(section_cls)
+    lines = []
+    for f in dataclasses.fields(section_cls):
+        if not f.init:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}.{f.name}: {_describe(hints[f.name])}, default {json.dumps(default)}")
+        indent = " " * 6
+        lines += textwrap.wrap(
+            f.metadata["help"], width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
+    return lines

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_dta.errors import ConfigError
 from megatron_dta.rollouts import Rollout, load_rollouts
 from megatron_dta.sampler import TreeSampler
 from megatron_dta.synthetic import WORKLOADS, make_workload
@@ -25,33 +26,61 @@ from megatron_dta.synthetic import WORKLOADS, make_workload
 
 @dataclass
 class DataConfig:
-    rollouts: str | None = None  # a rollout file (JSON Lines); or null for a synthetic workload
-    workload: str | None = "demo"  # synthetic workload name (megatron_dta.synthetic)
-    workload_args: dict = field(default_factory=dict)  # its generator's keyword arguments
-    rollouts_per_step: int | None = None  # global batch size in rollouts; null: all rollouts every step
-    microbatch_tokens: int | None = None  # max unique tokens of one microbatch on a rank; null: one
-    fill_old_logprobs: bool = True
-    seed: int = 0  # synthetic workload and sampling order
-    cost_model: str | None = None  # balancer cost model JSON from tools/calibrate.py; null: defaults
+    rollouts: str | None = field(
+        default=None,
+        metadata={"help": "a rollout file (JSON Lines, format in the README); null: a synthetic workload"},
+    )
+    workload: str | None = field(
+        default="demo",
+        metadata={
+            "help": f"a synthetic workload: one of {', '.join(sorted(WORKLOADS))}; null with data.rollouts"
+        },
+    )
+    workload_args: dict = field(
+        default_factory=dict,
+        metadata={"help": "the workload generator's keyword arguments (sizes, megatron_dta/synthetic.py)"},
+    )
+    rollouts_per_step: int | None = field(
+        default=None, metadata={"help": "global batch size in rollouts; null: all rollouts every step"}
+    )
+    microbatch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "max unique tokens of one microbatch on a rank; null: one microbatch per rank"},
+    )
+    fill_old_logprobs: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "rollouts without old_logprobs get them from the policy the first time they are trained on"
+            )
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "synthetic workload and sampling order"})
+    cost_model: str | None = field(
+        default=None,
+        metadata={"help": "balancer cost model JSON from tools/calibrate.py; null: built-in defaults"},
+    )
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):
-            raise ValueError(
+            raise ConfigError(
                 "set exactly one of data.rollouts (a JSONL file) and data.workload "
                 f"(one of {sorted(WORKLOADS)}); set the other to null"
             )
         if self.workload is not None and self.workload not in WORKLOADS:
-            raise ValueError(f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}")
+            raise ConfigError(
+                f"data.workload '{self.workload}' is unknown; choose one of {sorted(WORKLOADS)}"
+            )
         if self.rollouts_per_step is not None and self.rollouts_per_step < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.rollouts_per_step must be >= 1 or null (all rollouts), got {self.rollouts_per_step}"
             )
         if self.microbatch_tokens is not None and self.microbatch_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}"
             )
         if self.cost_model is not None and not Path(self.cost_model).is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"data.cost_model '{self.cost_model}' is not a file: write one with "
                 "tools/calibrate.py --out FILE, or set data.cost_model to null"
             )
@@ -65,7 +94,12 @@ class DataConfig:
 def _cost_model(path: str | None):
     from megatron_dta.balancer import CostModel
 
-    return CostModel.load(path) if path else CostModel()
+    if not path:
+        return CostModel()
+    try:
+        return CostModel.load(path)
+    except ValueError as exc:  # the file's content: malformed JSON, unknown keys, negative values
+        raise ConfigError(f"data.cost_model {path}: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
@@ -74,7 +108,7 @@ def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
     try:
         return make_workload(cfg.workload, vocab_size, cfg.seed, **cfg.workload_args)
     except TypeError as exc:  # an argument the generator does not take
-        raise ValueError(f"data.workload_args: {exc}") from None
+        raise ConfigError(f"data.workload_args: {exc}") from None
 
 
 class TrainData:

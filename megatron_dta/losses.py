@@ -17,11 +17,12 @@ all-reduced over data-parallel ranks by the caller.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from megatron_dta.errors import ConfigError, UserError
 from megatron_dta.rollouts import Rollout
 
 NORMALIZATIONS = ("token_mean", "sequence_mean", "constant")
@@ -30,30 +31,61 @@ KL_ESTIMATORS = ("k1", "k3")
 
 @dataclass
 class LossConfig:
-    eps_clip_low: float = 0.2
-    eps_clip_high: float = 0.2
-    dual_clip: float | None = None  # c > 1: bound the loss of negative advantages by c * |A|
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    normalization: str = "token_mean"
-    constant_divisor: float = 1.0
-    # GRPO: each rollout's scalar advantage (its reward) becomes (A - mean_group) / (std_group + eps),
-    # with the population std over the rollouts of the same ``group`` in the global batch
-    group_normalize_advantages: bool = False
-    group_std_eps: float = 1e-6
+    eps_clip_low: float = field(
+        default=0.2, metadata={"help": "PPO clip range below: the ratio is clipped at 1 - eps_clip_low"}
+    )
+    eps_clip_high: float = field(
+        default=0.2, metadata={"help": "PPO clip range above: the ratio is clipped at 1 + eps_clip_high"}
+    )
+    dual_clip: float | None = field(
+        default=None, metadata={"help": "c > 1: bound the loss of negative advantages by c * |A|; null: off"}
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "weight of the KL penalty to ref_logprobs (every rollout needs them); 0: off"},
+    )
+    kl_estimator: str = field(
+        default="k3",
+        metadata={
+            "help": f"KL estimator per token: one of {', '.join(KL_ESTIMATORS)} "
+            "(k1: log ratio; k3: exp(d) - d - 1)"
+        },
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
+    normalization: str = field(
+        default="token_mean",
+        metadata={
+            "help": (
+                "token_mean: over the global batch's loss tokens; sequence_mean: each rollout's token mean,"
+                " averaged over rollouts; constant: sum / constant_divisor"
+            )
+        },
+    )
+    constant_divisor: float = field(default=1.0, metadata={"help": "the divisor of normalization=constant"})
+    group_normalize_advantages: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "GRPO: each rollout's scalar advantage becomes (A - group mean) / (group std + "
+                "group_std_eps), population std over the rollouts of its group in the global batch"
+            )
+        },
+    )
+    group_std_eps: float = field(
+        default=1e-6, metadata={"help": "added to the group std of group_normalize_advantages"}
+    )
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss.normalization '{self.normalization}' must be one of {NORMALIZATIONS}")
+            raise ConfigError(f"loss.normalization '{self.normalization}' must be one of {NORMALIZATIONS}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"loss.kl_estimator '{self.kl_estimator}' must be one of {KL_ESTIMATORS}")
+            raise ConfigError(f"loss.kl_estimator '{self.kl_estimator}' must be one of {KL_ESTIMATORS}")
         if self.eps_clip_low < 0 or self.eps_clip_high < 0:
-            raise ValueError("loss.eps_clip_low and loss.eps_clip_high must be >= 0")
+            raise ConfigError("loss.eps_clip_low and loss.eps_clip_high must be >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"loss.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+            raise ConfigError(f"loss.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
         if self.normalization == "constant" and self.constant_divisor <= 0:
-            raise ValueError("loss.constant_divisor must be > 0")
+            raise ConfigError("loss.constant_divisor must be > 0")
 
 
 def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.ndarray]:
@@ -64,7 +96,7 @@ def group_normalized_advantages(rollouts: list[Rollout], eps: float) -> list[np.
     groups: dict = {}
     for i, r in enumerate(rollouts):
         if np.any(r.advantages != r.advantages[0]):
-            raise ValueError(
+            raise UserError(
                 f"loss.group_normalize_advantages needs one scalar advantage (the reward) per rollout, but "
                 f"rollout {i} has per-token advantages; normalize them upstream or set "
                 f"loss.group_normalize_advantages=false"
@@ -118,7 +150,7 @@ class PolicyLoss:
         if cfg.kl_coef:
             missing = [i for i, r in enumerate(rollouts) if r.ref_logprobs is None]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"loss.kl_coef={cfg.kl_coef} needs 'ref_logprobs' in every rollout, but rollout "
                     f"{missing[0]} has none: compute them with `megatron-dta logprobs` using the "
                     f"reference model, or set loss.kl_coef=0"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_dta.errors import ConfigError
 
 PROGRESS = ("auto", "bar", "lines", "none")
 
@@ -37,14 +39,22 @@ def peak_memory_bytes(device: str) -> int:
 
 @dataclass
 class LoggingConfig:
-    progress: str = "auto"  # auto: a bar on an interactive terminal, plain lines otherwise
-    log_every: int = 1  # plain lines: one every N steps (metrics.jsonl always gets every step)
+    progress: str = field(
+        default="auto",
+        metadata={
+            "help": f"one of {', '.join(PROGRESS)}; "
+            "auto: a bar on an interactive terminal, plain lines otherwise"
+        },
+    )
+    log_every: int = field(
+        default=1, metadata={"help": "plain lines: one every N steps (metrics.jsonl always gets every step)"}
+    )
 
     def __post_init__(self):
         if self.progress not in PROGRESS:
-            raise ValueError(f"logging.progress '{self.progress}' must be one of {PROGRESS}")
+            raise ConfigError(f"logging.progress '{self.progress}' must be one of {PROGRESS}")
         if self.log_every < 1:
-            raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
+            raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

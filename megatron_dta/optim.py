@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from megatron_dta.errors import CheckpointError, ConfigError
 from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_over
 
 BACKENDS = ("torch", "deepspeed", "megatron")
@@ -33,31 +34,45 @@ BACKENDS = ("torch", "deepspeed", "megatron")
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 0.0  # the cosine schedule ends here
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # decoupled (AdamW); never on norms or biases
-    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
-    backend: str = "torch"
-    zero_stage: int = 1  # deepspeed: 1 partitions optimizer states, 2 gradients too
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr: float = field(default=0.0, metadata={"help": "where the cosine schedule ends"})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "linear warmup from lr / warmup_steps to lr, then cosine to min_lr"}
+    )
+    betas: tuple[float, float] = field(
+        default=(0.9, 0.999), metadata={"help": "AdamW moment decay rates, each in [0, 1)"}
+    )
+    eps: float = field(default=1e-8, metadata={"help": "AdamW denominator epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled (AdamW); never on norms or biases"})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "max global grad norm; null: no clipping"})
+    backend: str = field(
+        default="torch",
+        metadata={
+            "help": (
+                "torch (AdamW, DP all-reduce), deepspeed (ZeRO, CPU or GPU) or megatron (distributed "
+                "optimizer, CUDA only)"
+            )
+        },
+    )
+    zero_stage: int = field(
+        default=1, metadata={"help": "deepspeed: 1 partitions optimizer states over DP, 2 gradients too"}
+    )
 
     def __post_init__(self):
         if not self.lr > 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optimizer.min_lr must be in [0, optimizer.lr={self.lr}], got {self.min_lr}")
+            raise ConfigError(f"optimizer.min_lr must be in [0, optimizer.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
+            raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"optimizer.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+            raise ConfigError(f"optimizer.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"optimizer.backend '{self.backend}' must be one of {BACKENDS}")
+            raise ConfigError(f"optimizer.backend '{self.backend}' must be one of {BACKENDS}")
         if self.zero_stage not in (1, 2):
-            raise ValueError(f"optimizer.zero_stage must be 1 or 2, got {self.zero_stage}")
+            raise ConfigError(f"optimizer.zero_stage must be 1 or 2, got {self.zero_stage}")
 
 
 def lr_at(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
@@ -237,7 +252,7 @@ class DeepSpeedOptimizer:
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_lr_scheduler_states=False)
         if path is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{directory}: no DeepSpeed checkpoint '{self.TAG}' (was it saved with another backend?)"
             )
 
@@ -257,7 +272,7 @@ class MegatronOptimizer:
         from megatron.core.transformer import TransformerConfig
 
         if layout.device != "cuda":
-            raise ValueError(
+            raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"
             )
         mcfg = model.cfg

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_dta.errors import ConfigError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -58,7 +60,7 @@ class ParallelLayout:
         init_distributed(device)
         world = dist.get_world_size()
         if world % (tp * pp):
-            raise ValueError(
+            raise ConfigError(
                 f"world size {world} is not divisible by tp x pp = {tp} x {pp}: "
                 f"launch with a multiple of {tp * pp} processes or change parallel.tp / parallel.pp"
             )

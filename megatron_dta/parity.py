@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dta.engine import Engine, EngineConfig
+from megatron_dta.errors import UserError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
@@ -42,7 +43,7 @@ def dump_step(
     DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
     layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight)
     if dp is not None and dp != layout.dp:
-        raise ValueError(
+        raise UserError(
             f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) = {layout.dp}"
         )
     model, _ = load_hf_checkpoint(
@@ -55,7 +56,7 @@ def dump_step(
     )
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
     if len(rollouts) < layout.dp:
-        raise ValueError(
+        raise UserError(
             f"{rollouts_path}: {len(rollouts)} rollouts cannot fill {layout.dp} data-parallel ranks"
         )
     mine = shard_indices(len(rollouts), layout.dp, layout.dp_rank)

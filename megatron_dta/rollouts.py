@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_dta.errors import UserError
+
 OPTIONAL_LOGPROB_FIELDS = ("old_logprobs", "ref_logprobs")
 
 
-class RolloutFormatError(ValueError):
+class RolloutFormatError(UserError):
     """A user-input error in a rollout file; ``str()`` is the one-line message shown to users."""
 
     def __init__(self, path: str | Path, line: int, field_name: str, problem: str):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_dta.errors import CheckpointError
 from megatron_dta.rollouts import Rollout, load_rollouts
 
 LOOKAHEAD = 16  # units skipped while looking for one that fits the current step
@@ -133,7 +134,7 @@ class TreeSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "rollouts_per_step", "num_rollouts"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise CheckpointError(
                     f"sampler state has {key}={state[key]} but this sampler has "
                     f"{getattr(self, key)}; resume with the same dataset and settings"
                 )

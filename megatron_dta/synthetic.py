@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from megatron_dta.errors import UserError
 from megatron_dta.rollouts import Rollout, make_rollout
 
 Segment = tuple[np.ndarray, bool]  # (token ids [n], trained: loss_mask 1 on them)
@@ -24,7 +25,7 @@ class _Draw:
 
     def __init__(self, vocab_size: int, seed: int):
         if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}; pass the model's vocabulary size")
+            raise UserError(f"vocab_size must be >= 1, got {vocab_size}; pass the model's vocabulary size")
         self.rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
 
@@ -50,7 +51,7 @@ class _Draw:
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UserError(f"{name} must be >= 1, got {value}")
 
 
 def _rollout(segments: list[Segment], advantage: float, group: int) -> Rollout:
@@ -279,7 +280,7 @@ def parse_workload_args(pairs: list[str]) -> dict[str, int]:
     for kv in pairs:
         key, _, value = kv.partition("=")
         if not key or not value.lstrip("-").isdigit():
-            raise ValueError(f"--workload-arg {kv!r}: expected KEY=INTEGER")
+            raise UserError(f"--workload-arg {kv!r}: expected KEY=INTEGER")
         out[key] = int(value)
     return out
 
@@ -287,5 +288,5 @@ def parse_workload_args(pairs: list[str]) -> dict[str, int]:
 def make_workload(name: str, vocab_size: int, seed: int = 0, **overrides) -> list[Rollout]:
     """Build the named workload; ``overrides`` replace the generator's keyword defaults."""
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; valid names: {', '.join(sorted(WORKLOADS))}")
+        raise UserError(f"unknown workload {name!r}; valid names: {', '.join(sorted(WORKLOADS))}")
     return WORKLOADS[name](vocab_size=vocab_size, seed=seed, **overrides)

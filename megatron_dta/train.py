@@ -26,6 +26,7 @@ from megatron_dta.checkpoint import COMPLETE, Checkpointer, complete_checkpoints
 from megatron_dta.config import Config
 from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine, StepResult
+from megatron_dta.errors import CheckpointError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
@@ -237,7 +238,7 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     layout = create_layout(cfg)
     run_dir = Path(cfg.checkpoint.run_dir)
     if not resume and complete_checkpoints(run_dir):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
             "that run, or set checkpoint.run_dir to a new directory"
         )
@@ -292,7 +293,7 @@ def export(run_dir: str, hf_out: str, step: int | None = None, dtype: str | None
     path = step_dir(run_dir, step) if step is not None else latest_complete(run_dir)
     if path is None or not (path / COMPLETE).is_file():
         found = [p.name for p in complete_checkpoints(run_dir)]
-        raise ValueError(
+        raise CheckpointError(
             f"{run_dir}: no complete checkpoint{f' for step {step}' if step is not None else ''}; "
             f"complete ones: {', '.join(found) or 'none'}"
         )

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model = CostModel.load(args.cost_model) if args.cost_model else CostModel()
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable, malformed JSON, unknown keys or bad values
         print(f"--cost-model {args.cost_model}: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ python tools/make_rollouts.py --workload NAME --vocab-size V --seed S --out FILE
 import argparse
 import sys
 
+from megatron_dta.errors import UserError
 from megatron_dta.rollouts import write_rollouts
 from megatron_dta.synthetic import WORKLOADS, make_workload
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rollouts = make_workload(args.workload, args.vocab_size, args.seed)
-    except ValueError as exc:
+    except UserError as exc:  # a size the generator refuses
         parser.error(str(exc))
     write_rollouts(args.out, rollouts)
     print(f"wrote {len(rollouts)} rollouts to {args.out}")

@@ -20,6 +20,7 @@ import sys
 from itertools import pairwise
 
 from megatron_dta.engine.plan import build_plan, seq_offsets_of
+from megatron_dta.errors import UserError
 from megatron_dta.pipeline import dfs_schedule, event_tokens
 from megatron_dta.synthetic import WORKLOADS, make_workload, parse_workload_args
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         lines = table(
             args.workload, args.stages, args.microbatches, args.block_size, args.seed, args.in_flight, extra
         )
-    except (TypeError, ValueError) as exc:  # an unknown or malformed --workload-arg
+    except (TypeError, UserError) as exc:  # an unknown or malformed --workload-arg
         ap.error(str(exc))
     print("\n".join(lines))
     return 0

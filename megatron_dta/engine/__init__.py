@@ -8,14 +8,15 @@ layout (entry 0 is 0.0). The result is the same in every mode up to float round-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from megatron_dta.attention import get_attention_backend
+from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
+from megatron_dta.errors import ConfigError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
 
@@ -24,18 +25,50 @@ __all__ = ["MODES", "Engine", "EngineConfig", "Plan", "StepResult"]
 
 @dataclass
 class EngineConfig:
-    mode: str = "dta"
-    block_size: int = 2048  # max tokens of one chunk of a long node (per-path chunks)
-    pack_tokens: int | None = None  # max tokens of sibling segments packed into one unit (None: block_size)
-    activation_budget_tokens: int = 1 << 20  # kept tokens on the DFS path before recomputing
-    max_tokens_per_microbatch: int | None = None  # sparse only: unique tokens packed together
-    attention: str = "auto"
+    mode: str = field(
+        default="dta",
+        metadata={
+            "help": (
+                "dta: DFS over the prefix forest reusing ancestors' K/V; sparse: packed microbatches under "
+                "a tree mask; dense: every rollout in full"
+            )
+        },
+    )
+    block_size: int = field(
+        default=2048, metadata={"help": "dta: max tokens of one chunk of a long node (per-path chunks)"}
+    )
+    pack_tokens: int | None = field(
+        default=None,
+        metadata={"help": "dta: max tokens of sibling segments packed into one unit; null: block_size"},
+    )
+    activation_budget_tokens: int = field(
+        default=1 << 20,
+        metadata={
+            "help": (
+                "dta: tokens whose activations are kept on the DFS path; beyond that parents are recomputed"
+            )
+        },
+    )
+    max_tokens_per_microbatch: int | None = field(
+        default=None, metadata={"help": "sparse: max unique tokens packed into one unit; null: no limit"}
+    )
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                f"attention backend: auto, {', '.join(BACKENDS)} (megatron_dta/attention.py); auto: the "
+                "fastest exact one"
+            )
+        },
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"engine.mode '{self.mode}' must be one of {MODES}")
+            raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
-            raise ValueError(f"engine.block_size must be >= 1, got {self.block_size}")
+            raise ConfigError(f"engine.block_size must be >= 1, got {self.block_size}")
+        if self.attention not in ("auto", *BACKENDS):
+            raise ConfigError(f"engine.attention '{self.attention}' must be one of {('auto', *BACKENDS)}")
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+from megatron_dta.errors import ConfigError
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 TORCH_DTYPES = {
@@ -17,47 +19,47 @@ TORCH_DTYPES = {
 
 @dataclass
 class ModelConfig:
-    model_type: str = "qwen2"
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 704
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None  # defaults to hidden_size // num_heads
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    model_type: str = field(
+        default="qwen2", metadata={"help": f"decoder family: one of {', '.join(MODEL_TYPES)}"}
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size; every token id is below it"})
+    hidden_size: int = field(default=256, metadata={"help": "width of the residual stream"})
+    intermediate_size: int = field(default=704, metadata={"help": "inner width of the gated MLP"})
+    num_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    num_heads: int = field(default=4, metadata={"help": "query heads"})
+    num_kv_heads: int = field(
+        default=2, metadata={"help": "key/value heads (grouped-query attention); divides num_heads"}
+    )
+    head_dim: int | None = field(
+        default=None, metadata={"help": "per-head width (even, for RoPE); null: hidden_size // num_heads"}
+    )
+    rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position embedding"})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of every RMSNorm"})
+    qkv_bias: bool = field(default=False, metadata={"help": "biases on the q, k and v projections (Qwen2)"})
+    qk_norm: bool = field(default=False, metadata={"help": "per-head RMSNorm of q and k before RoPE (Qwen3)"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "the LM head reuses the embedding matrix"})
+    init_std: float = field(
+        default=0.02, metadata={"help": "std of the normal initialisation of weight matrices (random init)"}
+    )
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model.model_type '{self.model_type}' is not one of {MODEL_TYPES}")
+            raise ConfigError(f"model.model_type '{self.model_type}' is not one of {MODEL_TYPES}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
                 f"({self.num_kv_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
 
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
@@ -97,5 +99,5 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
     return ModelConfig(**PRESETS[name].to_dict())

@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_dta.errors import CheckpointError
 from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:

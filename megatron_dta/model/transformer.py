@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_dta.errors import ConfigError
 from megatron_dta.model.config import ModelConfig
 from megatron_dta.model.lm_head import fused_logprob_entropy
 
@@ -173,13 +174,13 @@ class Transformer(nn.Module):
         from megatron.core import parallel_state as ps
 
         if cfg.num_heads % tp or cfg.num_kv_heads % tp or cfg.intermediate_size % tp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
                 f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})"
             )
         pp_rank, pp = stage
         if cfg.num_layers % pp:
-            raise ValueError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
+            raise ConfigError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
         self.stage, self.is_first, self.is_last = stage, pp_rank == 0, pp_rank == pp - 1
         n_local = cfg.num_layers // pp
@@ -192,7 +193,7 @@ class Transformer(nn.Module):
             )
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
         if (tp - 1) * (self.padded_vocab // tp) >= cfg.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.tp={tp} leaves a tensor-parallel rank without any of the "
                 f"{cfg.vocab_size} vocabulary rows: use a smaller tp"
             )

@@ -9,6 +9,9 @@ passes, then ``step(lr) -> grad_norm``, ``save(dir)``/``load(dir)``):
   on CPU with gloo as well as on GPU. The DFS engine runs many backward calls per step, so the
   reduction is coalesced into one pass per step (``coalesce_grad_reduction``).
 - ``megatron``: megatron-core DistributedDataParallel + distributed optimizer (CUDA only).
+Every backend accumulates the step's weight gradients in float32 main grads (``grads.py``), never
+in a bfloat16 ``p.grad``: ``torch`` and ``deepspeed`` attach ``MainGrads``, megatron-core's DDP keeps
+its own (``grad_reduce_in_fp32``). The DP all-reduce, the norm and the update read the main grads.
 The loss is already normalized by the global denominator, so gradients are *summed* over DP ranks.
 Invariant of the norm: a TP-sharded parameter counts once per TP rank (its shards are disjoint), a
 replicated one (norms) counts once in all, and DP replicas are not counted again; pipeline stages
@@ -27,6 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from megatron_dta.errors import CheckpointError, ConfigError
+from megatron_dta.grads import MainGrads, grad_of
 from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_over
 
 BACKENDS = ("torch", "deepspeed", "megatron")
@@ -99,8 +103,9 @@ def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> floa
 
     sq = torch.zeros((), dtype=torch.float64, device=layout.device)
     for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
-            sq += p.grad.detach().double().pow(2).sum()
+        g = grad_of(p)
+        if g is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
+            sq += g.detach().double().pow(2).sum()
     return math.sqrt(all_reduce_over(sq, layout.tp_group, layout.pp_group).item())
 
 
@@ -138,6 +143,7 @@ class TorchOptimizer:
         for g in groups:
             g["params"] = [self.master.get(p, p) for p in g["params"]]
         self.opt = _adamw(groups, cfg, layout.device)
+        self.main_grads = MainGrads(self.params)
 
     def accumulate(self):
         return contextlib.nullcontext()
@@ -147,12 +153,10 @@ class TorchOptimizer:
         norm = global_grad_norm(norm_params(self.model), self.layout)
         scale = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if self.cfg.grad_clip is not None else 1.0
         for p in self.params:
-            if p.grad is None:
-                continue
             if scale < 1.0:
-                p.grad.mul_(scale)
-            if p in self.master:
-                self.master[p].grad = p.grad.float()
+                p.main_grad.mul_(scale)
+            # the main grad has the master's dtype (float32) or the parameter's (float32, float64)
+            self.master.get(p, p).grad = p.main_grad
         _set_lr(self.opt, lr)
         self.opt.step()
         with torch.no_grad():
@@ -162,9 +166,10 @@ class TorchOptimizer:
         return norm
 
     def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)  # unlinks the main grads lent to the update
         for p in self.params:
             p.grad = None
+        self.main_grads.zero()
 
     def _file(self, directory: Path) -> Path:
         layout = self.layout
@@ -210,6 +215,7 @@ class DeepSpeedOptimizer:
             os.environ["LOCAL_RANK"] = "0"
         self.layout = layout
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.main_grads = MainGrads(self.params)
         dtype = self.params[0].dtype
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -230,13 +236,16 @@ class DeepSpeedOptimizer:
 
     @contextlib.contextmanager
     def accumulate(self):
-        """Every backward of the step inside; one reduction over DP when it closes."""
+        """Every backward of the step inside; one reduction over DP when it closes. The step's
+        float32 sum goes to DeepSpeed's ``p.grad`` once, rounded to the parameter dtype once
+        (DeepSpeed's ZeRO 1/2 reduce from ``p.grad``; its float32 accumulation needs BF16_Optimizer,
+        which cannot coalesce the engine's many backward calls)."""
         with self.engine.coalesce_grad_reduction():
             yield
             # DeepSpeed averages over DP ranks; the loss is already normalized globally, so sum.
             for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(self.layout.dp)
+                p.grad = (p.main_grad * self.layout.dp).to(p.dtype)
+            self.main_grads.zero()
 
     def step(self, lr: float) -> float:
         _set_lr(self.opt, lr)
@@ -245,6 +254,7 @@ class DeepSpeedOptimizer:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+        self.main_grads.zero()
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dta.errors import ConfigError
+from megatron_dta.grads import grad_of
 
 
 def _free_port() -> int:
@@ -136,24 +137,24 @@ def broadcast_from_last_stage(obj, layout: ParallelLayout):
 
 
 def all_reduce_grads(model: torch.nn.Module, group) -> None:
-    """Sum gradients over ``group`` (data parallel); one flat buffer per dtype to keep calls few."""
+    """Sum gradients (main grads where attached: ``grads.grad_of``) over ``group`` (data parallel);
+    one flat buffer per dtype to keep calls few."""
     if group is None or dist.get_world_size(group) == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
-        if p.grad is None:
+        if grad_of(p) is None:
             p.grad = torch.zeros_like(p)
     by_dtype: dict = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for ps in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+    for g in map(grad_of, params):
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
         dist.all_reduce(flat, group=group)
         offset = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+        for g in gs:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def all_reduce_over(t: torch.Tensor, *groups, op=dist.ReduceOp.SUM) -> torch.Tensor:

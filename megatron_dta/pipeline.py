@@ -44,6 +44,7 @@ import torch.distributed as dist
 from megatron_dta.engine import Engine, EngineConfig, StepResult
 from megatron_dta.engine.executor import ChunkKV, Executor
 from megatron_dta.engine.plan import Unit
+from megatron_dta.grads import grad_of
 
 
 @dataclass
@@ -277,12 +278,13 @@ def sync_tied_embedding_grads(model, before: torch.Tensor | None = None) -> None
     w = _tied_weight(model)
     if w is None:
         return
-    if w.grad is None:
+    if grad_of(w) is None:
         w.grad = torch.zeros_like(w)
-    delta = w.grad if before is None else w.grad - before
+    g = grad_of(w)  # the main grad while an optimizer accumulates
+    delta = g if before is None else g - before
     dist.all_reduce(delta, group=ps.get_embedding_group())
     if before is not None:
-        w.grad.copy_(before + delta)
+        g.copy_(before + delta)
 
 
 def forward_backward_pipelining_dfs(
@@ -320,7 +322,7 @@ def forward_backward_pipelining_dfs(
     ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, device)
     engine.executor = ex
     tied = _tied_weight(stage_model)
-    before = None if tied is None or tied.grad is None else tied.grad.clone()
+    before = None if tied is None or grad_of(tied) is None else grad_of(tied).clone()
 
     runs = [
         engine.start(*forward_step_func(data_iterator, stage_model), forward_only=forward_only)

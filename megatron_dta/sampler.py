@@ -1,12 +1,16 @@
 """Tree-aware sampler: which rollouts of a dataset form each training step.
 
-Rollouts that share a ``group`` value (a prompt's GRPO samples) or a first token (the root of one
-prefix tree) form one unit, so that a step keeps what the balancer and DTA can share. A unit
-larger than a step is cut into chunks of whole groups in DFS (lexicographic) order, so each chunk
-still shares as much as it can. Each epoch shuffles the units with a generator seeded by
-``(seed, epoch)`` and fills steps of at most ``rollouts_per_step`` rollouts first-fit, looking a
-few units ahead for one that fits; the last step of an epoch may be short, and a single group
-larger than a step is a step of its own.
+Rollouts that share a ``group`` value (a prompt's GRPO samples) stay together, and so does every
+prefix tree that fits in a step, so that a step keeps what the balancer and DTA can share. The
+trees are found top down: a set of rollouts larger than a step is split below its longest common
+prefix (a BOS or chat-template head that every rollout starts with says nothing about sharing:
+every step has it) by the next token, groups joining the parts their members fall in, until each
+part fits in a step or is a single group. Only a part that cannot be split so (groups spanning
+all of its branches) is cut into chunks of whole groups in DFS (lexicographic) order. Each epoch
+shuffles the units with a generator seeded by ``(seed, epoch)`` and fills steps of at most
+``rollouts_per_step`` rollouts first-fit, looking a few units ahead for one that fits: units
+smaller than a step mix differently every epoch. The last step of an epoch may be short, and a
+single group larger than a step is a step of its own.
 
 Invariant: within an epoch every rollout is in exactly one step, and the steps are a pure
 function of (dataset, rollouts_per_step, seed, epoch), so ``state_dict`` needs only the epoch and
@@ -30,6 +34,34 @@ LOOKAHEAD = 16  # units skipped while looking for one that fits the current step
 def _sort_key(ids: np.ndarray) -> bytes:
     """Bytes that sort like the token list (big-endian; a prefix sorts first)."""
     return ids.astype(">i8").tobytes()
+
+
+def _split(part: list[list[int]], ids: Sequence[np.ndarray]) -> list[list[list[int]]]:
+    """The groups of ``part`` (lists of rollout indices) joined by the token that follows the
+    longest prefix all their rollouts share (a rollout that ends there is a branch of its own)."""
+    members = [i for g in part for i in g]
+    keys = sorted(members, key=lambda i: _sort_key(ids[i]))
+    first, last = ids[keys[0]], ids[keys[-1]]  # the lexicographic extremes share the common prefix
+    n = min(len(first), len(last))
+    diff = np.flatnonzero(first[:n] != last[:n])
+    lcp = int(diff[0]) if len(diff) else n
+    parent = list(range(len(part)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    owner: dict[object, int] = {}
+    for g, group in enumerate(part):
+        for i in group:
+            branch = int(ids[i][lcp]) if len(ids[i]) > lcp else ("end", i)
+            parent[find(g)] = find(owner.setdefault(branch, g))
+    joined: dict[int, list[list[int]]] = {}
+    for g, group in enumerate(part):
+        joined.setdefault(find(g), []).append(group)
+    return list(joined.values())
 
 
 class TreeSampler:
@@ -56,43 +88,38 @@ class TreeSampler:
         self._cached: tuple[int, list[list[int]]] | None = None
 
     def _units(self, rollouts: Sequence[Rollout], group_key: str | None) -> list[list[int]]:
-        """Groups joined by shared first token, chunked to a step; each unit ascending."""
+        """Prefix trees that fit in a step, with their groups (see the module docstring); each unit
+        ascending."""
         groups: dict[object, list[int]] = {}
         for i, r in enumerate(rollouts):
             value = (
                 None if group_key is None else (r.group if group_key == "group" else r.extra.get(group_key))
             )
             groups.setdefault(("rollout", i) if value is None else ("group", value), []).append(i)
-        parent = list(range(len(groups)))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        group_list = list(groups.values())
-        owner_of_root: dict[int, int] = {}
-        for g, members in enumerate(group_list):
-            for i in members:
-                first = int(rollouts[i].input_ids[0])
-                other = owner_of_root.setdefault(first, g)
-                parent[find(g)] = find(other)
-        components: dict[int, list[list[int]]] = {}
-        for g, members in enumerate(group_list):
-            components.setdefault(find(g), []).append(members)
-        units = []
-        for comp in components.values():
-            comp.sort(key=lambda members: min(_sort_key(rollouts[i].input_ids) for i in members))
-            chunk: list[int] = []
-            for members in comp:
-                if chunk and len(chunk) + len(members) > self.rollouts_per_step:
-                    units.append(sorted(chunk))
-                    chunk = []
-                chunk += members
-            units.append(sorted(chunk))
+        ids = [r.input_ids for r in rollouts]
+        units, todo = [], [list(groups.values())]
+        while todo:
+            part = todo.pop()
+            parts = _split(part, ids) if sum(map(len, part)) > self.rollouts_per_step else [part]
+            if len(parts) > 1:
+                todo += parts
+            elif len(part) == 1 or sum(map(len, part)) <= self.rollouts_per_step:
+                units.append(sorted(part[0] if len(part) == 1 else sum(part, [])))
+            else:
+                units += self._chunks(part, ids)
         units.sort()  # a canonical order before shuffling, independent of dict order
         return units
+
+    def _chunks(self, part: list[list[int]], ids) -> list[list[int]]:
+        """Whole groups in DFS (lexicographic) order, cut into chunks of at most a step."""
+        part = sorted(part, key=lambda members: min(_sort_key(ids[i]) for i in members))
+        chunks, chunk = [], []
+        for members in part:
+            if chunk and len(chunk) + len(members) > self.rollouts_per_step:
+                chunks.append(sorted(chunk))
+                chunk = []
+            chunk += members
+        return [*chunks, sorted(chunk)]
 
     def steps_of_epoch(self, epoch: int) -> list[list[int]]:
         """Every step of ``epoch``, in order (a pure function of the dataset, seed and epoch)."""

@@ -1,5 +1,5 @@
-"""Balancer plans against recounts from scratch, the NNLS fit against known coefficients, the sampler
-against its contract, and tools/balance.py end to end.
+"""Balancer plans against recounts from scratch, the NNLS fit against known coefficients, and
+tools/balance.py end to end.
 
 Every recount builds a PrefixForest of a microbatch's rollouts directly, sharing no code with the
 balancer's DFS-order arithmetic.
@@ -29,8 +29,7 @@ from megatron_dta.balancer import (
 )
 from megatron_dta.balancer.refine import cut_moves, move_or_swap_moves, shift_moves
 from megatron_dta.forest import PrefixForest
-from megatron_dta.rollouts import make_rollout, write_rollouts
-from megatron_dta.sampler import TreeSampler
+from megatron_dta.rollouts import write_rollouts
 from megatron_dta.synthetic import make_workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,66 +276,6 @@ def test_too_few_rollouts_give_empty_microbatches_only_where_unavoidable():
     plan = balance(forest_of(seqs), 5)
     check_plan(plan, seqs, 5, None, CostModel())
     assert sum(not mb.sequences for mb in plan.microbatches) == 2
-
-
-def sampler_dataset(seed: int = 0):
-    """GRPO groups, some groups sharing a first token (one tree across groups), a few ungrouped."""
-    rng = np.random.default_rng(seed)
-    rollouts = []
-    for g in range(30):
-        prompt = [int(rng.integers(0, 12))] + rng.integers(0, 1000, 5).tolist()
-        for _ in range(int(rng.integers(1, 6))):
-            rollouts.append(make_rollout(prompt + rng.integers(0, 1000, 4).tolist(), group=f"g{g}"))
-    for _ in range(10):
-        rollouts.append(make_rollout(rng.integers(0, 1000, 6).tolist()))
-    order = rng.permutation(len(rollouts))
-    return [rollouts[i] for i in order]
-
-
-def take(sampler, n):
-    it = iter(sampler)
-    return [next(it) for _ in range(n)]
-
-
-@pytest.mark.parametrize("per_step", [1, 7, 16, 64])
-def test_sampler_keeps_groups_and_trees_and_covers_each_epoch(per_step):
-    rollouts = sampler_dataset()
-    sampler = TreeSampler(rollouts, per_step, seed=3)
-    for epoch in range(3):
-        steps = sampler.steps_of_epoch(epoch)
-        assert sorted(i for s in steps for i in s) == list(range(len(rollouts)))
-        step_of = {i: k for k, s in enumerate(steps) for i in s}
-        groups, roots = {}, {}
-        for i, r in enumerate(rollouts):
-            if r.group is not None:
-                groups.setdefault(r.group, set()).add(step_of[i])
-            roots.setdefault(int(r.input_ids[0]), []).append(i)
-        assert all(len(s) == 1 for s in groups.values())
-        for members in roots.values():  # a tree that fits in a step stays in one
-            if len(members) <= per_step:
-                assert len({step_of[i] for i in members}) == 1
-        biggest_group = max(Counter(r.group for r in rollouts if r.group is not None).values())
-        assert all(len(s) <= max(per_step, biggest_group) for s in steps)
-    assert sampler.steps_of_epoch(0) != sampler.steps_of_epoch(1)  # reshuffled each epoch
-
-
-def test_sampler_is_deterministic_and_resumes_exactly(tmp_path):
-    rollouts = sampler_dataset(1)
-    write_rollouts(tmp_path / "data.jsonl", rollouts)
-    a = TreeSampler(tmp_path / "data.jsonl", 8, seed=11)
-    b = TreeSampler(rollouts, 8, seed=11)
-    assert take(a, 40) == take(b, 40)  # crosses epochs
-    assert take(TreeSampler(rollouts, 8, seed=12), 5) != take(TreeSampler(rollouts, 8, seed=11), 5)
-
-    straight = take(TreeSampler(rollouts, 8, seed=5), 50)
-    first = TreeSampler(rollouts, 8, seed=5)
-    head = take(first, 23)
-    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would store it
-    resumed = TreeSampler(rollouts, 8, seed=5)
-    resumed.load_state_dict(state)
-    assert head + take(resumed, 27) == straight
-    with pytest.raises(ValueError, match="rollouts_per_step"):
-        TreeSampler(rollouts, 9, seed=5).load_state_dict(state)
 
 
 def run_tool(*args):

@@ -137,7 +137,8 @@ class Engine:
     def forward_backward(
         self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None
     ) -> StepResult:
-        """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad``.
+        """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad`` (or their float32
+        ``main_grad`` while an optimizer attaches them: ``grads.py``).
 
         ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);
         by default this batch's own.

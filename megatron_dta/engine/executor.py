@@ -19,6 +19,26 @@ import torch
 from megatron_dta.engine.plan import Plan, Unit
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x_TH[index_P]`` whose backward sums each row's gradients in at least float32: a fork's last
+    row predicts the first token of every child (one pair per child), and a bfloat16 index backward
+    would round that sum once per child, where dense, one pair per rollout, never sums."""
+
+    @staticmethod
+    def forward(ctx, x_TH, index_P):
+        ctx.save_for_backward(index_P)
+        ctx.rows = x_TH.shape[0]
+        return x_TH[index_P]
+
+    @staticmethod
+    def backward(ctx, grad_PH):
+        (index_P,) = ctx.saved_tensors
+        acc_TH = grad_PH.new_zeros(
+            (ctx.rows, *grad_PH.shape[1:]), dtype=torch.promote_types(grad_PH.dtype, torch.float32)
+        )
+        return acc_TH.index_add_(0, index_P, grad_PH.to(acc_TH.dtype)).to(grad_PH.dtype), None
+
+
 class ChunkKV:
     """KVContext of one unit: prefix K/V from the stack, own K/V recorded for the children."""
 
@@ -163,7 +183,8 @@ class Executor:
 
     def _unit_loss(self, r: Run, unit: Unit, hidden_TH):
         dev = self.device
-        lp_P, ent_P = self.model.logprobs(hidden_TH[unit.pair_hidden.to(dev)], unit.pair_target.to(dev))
+        hidden_PH = _GatherRows.apply(hidden_TH, unit.pair_hidden.to(dev))
+        lp_P, ent_P = self.model.logprobs(hidden_PH, unit.pair_target.to(dev))
         ep, ef = unit.elem_pair.to(dev), unit.elem_flat.to(dev)
         lp_E, ent_E = lp_P[ep], ent_P[ep]
         r.out.logprobs[ef] = lp_E.detach().double()

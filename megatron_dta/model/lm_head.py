@@ -6,7 +6,11 @@ dropped; backward recomputes them chunk by chunk. So memory is O(chunk x vocab/t
 megatron's VocabParallelEmbedding splits it); the max, the sum of exponentials, the expectation of
 the logits and the target logit are all-reduced. Logits are computed in the model dtype (as HF does) and the
 softmax statistics in at least float32 (float64 stays float64, so the float64 path is exact to
-round-off); the weight gradient accumulates over chunks in at least float32. On CPU, when all of a
+round-off); the weight gradient accumulates over chunks in at least float32. The statistics are
+taken on logits shifted by their row max (``z - m``, in place): entropy ``log s - E[z - m]`` with
+``s = sum exp(z - m) >= 1`` is then a sum of two non-negative terms, never negative and without
+the cancellation of ``lse - E[z]`` when logits are large (a constant offset of 300 cost float32
+entropy 5.8e-4 that way; torch's entropy loses 3.3e-6). On CPU, when all of a
 call's logits take at most ``KEEP_LOGITS_BYTES`` they are kept for backward instead of recomputed,
 and so are their exponentials when both together fit.
 
@@ -36,9 +40,9 @@ def _logits(hidden_cH: torch.Tensor, weight_VH: torch.Tensor, out_cV: torch.Tens
     return out_cV.copy_(hidden_cH @ weight_VH.t())
 
 
-def _exp_shifted(z_cV: torch.Tensor, m_c: torch.Tensor, out_cV: torch.Tensor) -> torch.Tensor:
-    """exp(z - m) per row, written into ``out_cV``."""
-    return torch.sub(z_cV, m_c[:, None], out=out_cV).exp_()
+def _shift_exp(z_cV: torch.Tensor, m_c: torch.Tensor, out_cV: torch.Tensor) -> torch.Tensor:
+    """Shift the logits by their row max in place (``z -= m``); exp of the result into ``out_cV``."""
+    return torch.exp(z_cV.sub_(m_c[:, None]), out=out_cV)
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
@@ -47,9 +51,9 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         cdtype = torch.promote_types(hidden_TH.dtype, torch.float32)
         T, V = hidden_TH.shape[0], weight_VH.shape[0]
         c = min(T, chunk)
-        lse_T = hidden_TH.new_empty(T, dtype=cdtype)
-        mean_z_T = hidden_TH.new_empty(T, dtype=cdtype)
-        target_z_T = hidden_TH.new_empty(T, dtype=cdtype)
+        log_s_T = hidden_TH.new_empty(T, dtype=cdtype)
+        mean_zs_T = hidden_TH.new_empty(T, dtype=cdtype)  # E_p[z - m] <= 0
+        target_zs_T = hidden_TH.new_empty(T, dtype=cdtype)
         m_T = hidden_TH.new_empty(T, dtype=cdtype)
         r_T = hidden_TH.new_empty(T, dtype=cdtype)
         local_t = targets_T - vocab_start
@@ -66,7 +70,8 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             z_out = hidden_TH.new_empty(b - a, V, dtype=cdtype) if keep_z else z_buf[: b - a]
             z_cV = _logits(hidden_TH[a:b], weight_VH, z_out)
             m_T[a:b] = _all_reduce(z_cV.amax(dim=-1), dist.ReduceOp.MAX, group)
-            e_cV = _exp_shifted(z_cV, m_T[a:b], torch.empty_like(z_cV) if keep_e else e_buf[: b - a])
+            # z_cV holds z - m from here on (kept that way for backward)
+            e_cV = _shift_exp(z_cV, m_T[a:b], torch.empty_like(z_cV) if keep_e else e_buf[: b - a])
             zt_c = z_cV.gather(1, local_t[a:b, None]).squeeze(1) * owned[a:b]
             s_c = e_cV.sum(-1)
             if keep_e:
@@ -77,18 +82,18 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             if keep_z:
                 kept_z.append(z_cV)
             sums_3c = _all_reduce(torch.stack([s_c, ez_c, zt_c]), dist.ReduceOp.SUM, group)
-            lse_T[a:b] = m_T[a:b] + torch.log(sums_3c[0])
-            mean_z_T[a:b] = sums_3c[1] / sums_3c[0]
-            target_z_T[a:b] = sums_3c[2]
+            log_s_T[a:b] = torch.log(sums_3c[0])
+            mean_zs_T[a:b] = sums_3c[1] / sums_3c[0]
+            target_zs_T[a:b] = sums_3c[2]
             r_T[a:b] = 1 / sums_3c[0]  # softmax = exp(z - m) * r: kept exponentials need no second exp
-        ctx.save_for_backward(hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_z_T)
+        ctx.save_for_backward(hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_zs_T)
         ctx.chunk, ctx.kept_z, ctx.kept_e = chunk, kept_z, kept_e
         ctx.set_materialize_grads(False)  # an unused output (often entropy) then costs nothing
-        return target_z_T - lse_T, lse_T - mean_z_T
+        return target_zs_T - log_s_T, log_s_T - mean_zs_T
 
     @staticmethod
     def backward(ctx, dlogprob_T, dentropy_T):
-        hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_z_T = ctx.saved_tensors
+        hidden_TH, weight_VH, local_t, owned, m_T, r_T, mean_zs_T = ctx.saved_tensors
         # Backward overwrites what it was given; a second backward (retain_graph) recomputes it.
         kept_z, kept_e = ctx.kept_z, ctx.kept_e
         ctx.kept_z = ctx.kept_e = []
@@ -101,9 +106,14 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         grad_w = None
         for i, a in enumerate(range(0, T, ctx.chunk)):
             b = min(T, a + ctx.chunk)
-            z_cV = kept_z[i] if kept_z else _logits(hidden_TH[a:b], weight_VH, z_buf[: b - a])
-            e_cV = kept_e[i] if kept_e else _exp_shifted(z_cV, m_T[a:b], e_buf[: b - a])
-            # d logprob / dz = onehot(target) - p ;  d entropy / dz = -p * (z - E_p[z]) ;  p = e * r
+            if kept_z:
+                z_cV = kept_z[i]  # already shifted
+                e_cV = kept_e[i] if kept_e else torch.exp(z_cV, out=e_buf[: b - a])
+            else:
+                z_cV = _logits(hidden_TH[a:b], weight_VH, z_buf[: b - a])
+                e_cV = _shift_exp(z_cV, m_T[a:b], e_buf[: b - a])
+            # z_cV is z - m.  d logprob / dz = onehot(target) - p ;  d entropy / dz = -p * (z - E_p[z])
+            # = -p * ((z - m) - E_p[z - m]) ;  p = e * r
             coef_c = torch.zeros_like(r_T[a:b]) if dlogprob_T is None else dlogprob_T[a:b].to(cdtype)
             neg_r_c1 = -r_T[a:b, None]
             dz_cV = z_cV  # the logits are not needed again: their gradient overwrites them
@@ -111,7 +121,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
                 torch.mul(e_cV, coef_c[:, None] * neg_r_c1, out=dz_cV)
             else:
                 dent_c1 = dentropy_T[a:b, None].to(cdtype)
-                z_cV.sub_(mean_z_T[a:b, None])
+                z_cV.sub_(mean_zs_T[a:b, None])
                 torch.addcmul(coef_c[:, None] * neg_r_c1, z_cV, dent_c1 * neg_r_c1, out=dz_cV)
                 dz_cV.mul_(e_cV)
             if dlogprob_T is not None:

@@ -47,7 +47,8 @@ class _Build:
         self.terminals: list[int] = []
 
 
-def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two sequences share."""
     m = min(len(a), len(b))
     diff = np.flatnonzero(a[:m] != b[:m])
     return int(diff[0]) if len(diff) else m
@@ -72,7 +73,7 @@ class PrefixForest:
         prev = None
         for i in order:
             s = seqs[i]
-            lcp = _lcp(prev, s) if prev is not None else 0
+            lcp = common_prefix_length(prev, s) if prev is not None else 0
             while stack and stack[-1].start >= lcp:
                 stack.pop()
             if stack and stack[-1].end > lcp:

@@ -1,9 +1,12 @@
-"""The one owner of the parallel layout: TP x PP x DP degrees and their process groups.
+"""The one owner of the parallel layout: TP x PP x DP degrees, this rank's place in them, and the
+process groups.
 
-Process groups come from megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp), so its
-tensor-parallel layers find their group; everything else in megatron_dta receives a
-``ParallelLayout`` explicitly instead of reading globals. Works over gloo on CPU and NCCL on GPU.
-A single process without torchrun gets a world of size 1 on a private TCP port.
+``ParallelLayout.create`` initialises megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp, so
+megatron's layers and their fallbacks agree with us), reads its groups once and holds them; nothing
+else in megatron_dta touches ``parallel_state``. The model, the pipeline schedule, the optimizer and
+the checkpointer receive the layout (or one of its groups) explicitly, as megatron-core's layers take
+``tp_group`` and its schedules ``pg_collection``. Works over gloo on CPU and NCCL on GPU. A single
+process without torchrun gets a world of size 1 on a private TCP port.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from megatron_dta.errors import ConfigError
 from megatron_dta.grads import grad_of
@@ -42,11 +46,25 @@ def init_distributed(device: str = "cpu") -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelLayout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
+    """This rank in the TP x PP x DP grid. Each dimension is three fields: its size (``tp``), this
+    rank's index in it (``tp_rank``) and its group, the ranks that differ from this one only in it
+    (``tp_group``). Context and expert parallelism will be three fields each plus a line in
+    ``create``. A layout is a value: ``dataclasses.replace(layout, pp=1, pp_rank=0)`` describes the
+    whole model on this rank (a reference model beside a pipeline stage)."""
+
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: ProcessGroup
+    pp_group: ProcessGroup
+    dp_group: ProcessGroup
+    embedding_group: ProcessGroup  # first and last stage of this pipeline: a tied embedding's two copies
+    rank: int  # global
     device: str = "cpu"
     microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
 
@@ -68,48 +86,39 @@ class ParallelLayout:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        groups = {
+            "tp": ps.get_tensor_model_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+        }
         return cls(
-            tp=tp, pp=pp, dp=world // (tp * pp), device=device, microbatches_in_flight=microbatches_in_flight
+            **{dim: group.size() for dim, group in groups.items()},
+            **{f"{dim}_rank": group.rank() for dim, group in groups.items()},
+            **{f"{dim}_group": group for dim, group in groups.items()},
+            embedding_group=ps.get_embedding_group(),
+            rank=dist.get_rank(),
+            device=device,
+            microbatches_in_flight=microbatches_in_flight,
         )
 
-    # groups and ranks, read from megatron's parallel_state so that its layers agree with us
     @property
-    def tp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_tensor_model_parallel_group()
+    def stage(self) -> tuple[int, int]:
+        """(pp_rank, pp): which pipeline stage of how many this rank holds."""
+        return self.pp_rank, self.pp
 
     @property
-    def dp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group()
-
-    @property
-    def pp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_pipeline_model_parallel_group()
+    def prev_rank(self) -> int | None:
+        """Global rank of the previous pipeline stage (None on the first)."""
+        return None if self.pp_rank == 0 else dist.get_global_rank(self.pp_group, self.pp_rank - 1)
 
     @property
-    def tp_rank(self) -> int:
-        return dist.get_rank(self.tp_group)
-
-    @property
-    def dp_rank(self) -> int:
-        return dist.get_rank(self.dp_group)
-
-    @property
-    def pp_rank(self) -> int:
-        return dist.get_rank(self.pp_group)
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank()
+    def next_rank(self) -> int | None:
+        """Global rank of the next pipeline stage (None on the last)."""
+        return None if self.pp_rank == self.pp - 1 else dist.get_global_rank(self.pp_group, self.pp_rank + 1)
 
     @property
     def is_main(self) -> bool:
-        return dist.get_rank() == 0
+        return self.rank == 0
 
 
 def shutdown() -> None:
@@ -129,10 +138,8 @@ def broadcast_from_last_stage(obj, layout: ParallelLayout):
     """``obj`` as the last pipeline stage has it, on every stage (pipeline results live there)."""
     if layout.pp == 1:
         return obj
-    from megatron.core import parallel_state as ps
-
     box = [obj]
-    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=layout.pp_group)
+    dist.broadcast_object_list(box, group=layout.pp_group, group_src=layout.pp - 1)
     return box[0]
 
 

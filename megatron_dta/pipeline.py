@@ -45,6 +45,7 @@ from megatron_dta.engine import Engine, EngineConfig, StepResult
 from megatron_dta.engine.executor import ChunkKV, Executor
 from megatron_dta.engine.plan import Unit
 from megatron_dta.grads import grad_of
+from megatron_dta.parallel import ParallelLayout
 
 
 @dataclass
@@ -132,17 +133,6 @@ def dfs_schedule(events: list[list[tuple[bool, int]]], stages: int, in_flight: i
     return Schedule(orders, max(free) if events else 0.0, busy, peak_kept, peak_flight, commits)
 
 
-def _ranks():
-    """(prev, next) global ranks of this stage's pipeline neighbours; None at the ends."""
-    from megatron.core import parallel_state as ps
-
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    return (
-        None if first else ps.get_pipeline_model_parallel_prev_rank(),
-        None if last else ps.get_pipeline_model_parallel_next_rank(),
-    )
-
-
 def link_order(schedule: Schedule, backward: list[list[bool]], upper: int) -> list[tuple[tuple, int]]:
     """(event key, sending stage) of every message between stages ``upper`` and ``upper + 1``, in the
     link's order: forwards sent down by ``upper``, gradients sent up by ``upper + 1``, by commit.
@@ -195,11 +185,12 @@ class _Link:
 class StageExecutor(Executor):
     """The DTA executor on one pipeline stage: the traversal is inherited unchanged; the unit's
     forward and backward exchange hidden states with the neighbouring stages. ``key`` is the
-    (microbatch, event) being executed; ``connect`` sets up the links to the neighbours for a schedule."""
+    (microbatch, event) being executed; ``connect`` sets up the links to the neighbours for a schedule;
+    the neighbours are ``layout``'s previous and next pipeline stages (global ranks, None at the ends)."""
 
-    def __init__(self, model, attention, activation_budget_tokens: int = 1 << 20, device="cpu"):
-        super().__init__(model, attention, activation_budget_tokens, device)
-        self.prev, self.next = _ranks()
+    def __init__(self, model, attention, activation_budget_tokens: int, layout: ParallelLayout):
+        super().__init__(model, attention, activation_budget_tokens, layout.device)
+        self.prev, self.next = layout.prev_rank, layout.next_rank
         self._sends: list = []
         self._link: dict = {}
         self.key = None
@@ -269,12 +260,11 @@ def _tied_weight(model):
     return model.embed.weight if model.is_first else model.lm_head.weight
 
 
-def sync_tied_embedding_grads(model, before: torch.Tensor | None = None) -> None:
+def sync_tied_embedding_grads(model, group, before: torch.Tensor | None = None) -> None:
     """Sum what this step added to the grads of the tied embedding (first stage) and its copy
-    (last stage's ``lm_head``); ``before`` is the grad at the step's start, so that gradient
-    accumulation over several calls does not sum earlier calls' grads twice."""
-    from megatron.core import parallel_state as ps
-
+    (last stage's ``lm_head``) over ``group`` (the layout's ``embedding_group``); ``before`` is the
+    grad at the step's start, so that gradient accumulation over several calls does not sum earlier
+    calls' grads twice."""
     w = _tied_weight(model)
     if w is None:
         return
@@ -282,7 +272,7 @@ def sync_tied_embedding_grads(model, before: torch.Tensor | None = None) -> None
         w.grad = torch.zeros_like(w)
     g = grad_of(w)  # the main grad while an optimizer accumulates
     delta = g if before is None else g - before
-    dist.all_reduce(delta, group=ps.get_embedding_group())
+    dist.all_reduce(delta, group=group)
     if before is not None:
         g.copy_(before + delta)
 
@@ -299,27 +289,29 @@ def forward_backward_pipelining_dfs(
     forward_only: bool = False,
     collect_non_loss_data: bool = False,
     first_val_step=None,
+    layout: ParallelLayout,
     engine_config: EngineConfig | None = None,
-    device: str = "cpu",
     microbatches_in_flight: int | None = None,
 ) -> list[StepResult]:
     """Megatron's schedule signature over DFS units (``seq_length``, ``micro_batch_size``,
     ``decoder_seq_length``, ``collect_non_loss_data``, ``first_val_step`` are accepted for
-    drop-in compatibility and ignored: units carry their own shapes).
+    drop-in compatibility and ignored: units carry their own shapes). ``layout`` plays the part
+    of megatron's ``pg_collection``: the pipeline neighbours, the tied embedding's group, the device.
 
     ``forward_step_func(data_iterator, model) -> (rollouts, loss, denominator)`` yields one
     microbatch (a list of rollouts: a tree or subtree), its ``PolicyLoss`` and the global loss
     normalizer; it is called ``num_microbatches`` times up front, since the schedule is computed
-    from all the microbatches' plans. ``microbatches_in_flight`` (default: twice the number of stages)
-    bounds the microbatches a stage has started and not finished. Gradients accumulate in
-    ``model``'s parameters (tied embeddings summed across the first and last stage). Returns one
-    ``StepResult`` per microbatch; logprobs, loss and stats are filled on the last stage only
-    (zeros elsewhere), as in Megatron.
+    from all the microbatches' plans. ``microbatches_in_flight`` (default: the layout's, else twice
+    the number of stages) bounds the microbatches a stage has started and not finished. Gradients
+    accumulate in ``model``'s parameters (tied embeddings summed across the first and last stage).
+    Returns one ``StepResult`` per microbatch; logprobs, loss and stats are filled on the last stage
+    only (zeros elsewhere), as in Megatron.
     """
     stage_model = model[0] if isinstance(model, (list, tuple)) else model
     stage, stages = stage_model.stage
-    engine = Engine(stage_model, engine_config or EngineConfig(), device)
-    ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, device)
+    assert stage_model.stage == layout.stage, "the model was built for another pipeline stage"
+    engine = Engine(stage_model, engine_config or EngineConfig(), layout.device)
+    ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, layout)
     engine.executor = ex
     tied = _tied_weight(stage_model)
     before = None if tied is None or grad_of(tied) is None else grad_of(tied).clone()
@@ -329,7 +321,8 @@ def forward_backward_pipelining_dfs(
         for _ in range(num_microbatches)
     ]
     events = [run.plan.events(forward_only) for run in runs]
-    schedule = dfs_schedule([event_tokens(ev) for ev in events], stages, microbatches_in_flight or 2 * stages)
+    in_flight = microbatches_in_flight or layout.microbatches_in_flight or 2 * stages
+    schedule = dfs_schedule([event_tokens(ev) for ev in events], stages, in_flight)
     ex.connect(schedule, events)
     results: list = [None] * num_microbatches
     try:
@@ -343,5 +336,5 @@ def forward_backward_pipelining_dfs(
     finally:
         ex.flush()
     if not forward_only:
-        sync_tied_embedding_grads(stage_model, before)
+        sync_tied_embedding_grads(stage_model, layout.embedding_group, before)
     return results

@@ -72,15 +72,9 @@ def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
     that depends on neither TP nor PP (each full HF-shaped tensor drawn from a generator seeded by
     its name, then sharded), so TP=2 or PP=2 starts from the same weights as one process."""
     dtype = TORCH_DTYPES[cfg.train.dtype]
-    stage = (layout.pp_rank, layout.pp)
     if cfg.model.hf_checkpoint is not None:
-        model, _ = load_hf_checkpoint(
-            cfg.model.hf_checkpoint, layout.tp, layout.tp_rank, dtype, layout.device, stage
-        )
-        return model
-    model = Transformer(
-        cfg.model.model_config(), tp=layout.tp, dtype=dtype, device=layout.device, stage=stage
-    )
+        return load_hf_checkpoint(cfg.model.hf_checkpoint, layout, dtype)[0]
+    model = Transformer(cfg.model.model_config(), layout, dtype)
     shapes = {name: t.shape for name, t in gather_hf(model, "param", layout.tp_group).items()}
     if model.cfg.tie_embeddings and model.is_last and not model.is_first:  # the last stage's copy
         shapes["model.embed_tokens.weight"] = (model.cfg.vocab_size, model.cfg.hidden_size)
@@ -134,9 +128,8 @@ def run_microbatches(
         model=engine.model,
         num_microbatches=len(micro),
         forward_only=forward_only,
+        layout=layout,
         engine_config=engine.cfg,
-        device=layout.device,
-        microbatches_in_flight=layout.microbatches_in_flight,
     )
 
 

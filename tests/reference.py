@@ -127,7 +127,8 @@ def ppo_reference(lps, rollouts, eps_low=0.2, eps_high=0.2):
 
 
 def hf_dense_step(model, rollouts):
-    """(per-rollout log-probs, loss, {hf name: grad}) of a plain dense forward/backward."""
+    """A parity dump (``megatron_dta.devtools.parity``: per-rollout log-probs, loss, {hf name: grad})
+    of a plain dense forward/backward."""
     model.zero_grad(set_to_none=True)
     with float64_hf():
         lps = [hf_logprobs_of(model, r.input_ids) for r in rollouts]
@@ -137,7 +138,7 @@ def hf_dense_step(model, rollouts):
         n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
         for n, p in model.named_parameters()
     }
-    return [lp.detach().numpy() for lp in lps], loss.detach(), grads
+    return {"logprobs": [lp.detach().numpy() for lp in lps], "loss": loss.detach(), "grads": grads}
 
 
 def naive_logprobs(sd: dict, cfg, ids: np.ndarray) -> np.ndarray:

@@ -246,11 +246,11 @@ VOCAB = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, single_process_world):
     hf = make_hf_model("qwen3", seed=5, vocab=VOCAB)
     path = tmp_path_factory.mktemp("attn") / "hf"
     hf.save_pretrained(path)
-    return load_hf_checkpoint(path, dtype=torch.float64)[0]
+    return load_hf_checkpoint(path, single_process_world, torch.float64)[0]
 
 
 def _rollouts():

@@ -27,9 +27,9 @@ def tool():
     return module
 
 
-def test_dta_bf16_gradient_no_worse_than_dense_and_flat_in_units(tool):
+def test_dta_bf16_gradient_no_worse_than_dense_and_flat_in_units(tool, single_process_world):
     torch.manual_seed(0)
-    ms = tool.models(seed=0)
+    ms = tool.models(single_process_world, seed=0)
     rollouts = tool.group_of(48, seed=0)
     ref = tool.reference(ms, rollouts)
     err = {mode: tool.errors(ms, rollouts, ref, mode, "main") for mode in ("sparse", "dense", "dta")}

@@ -1,13 +1,13 @@
 """DTA, sparse and dense equal HF transformers' dense forward/backward, in float64, to round-off.
 
 Reference: HF transformers (patched to stay float64, proven against a naive forward) running each
-rollout alone. Tolerances: float64 logprobs 1e-10 absolute and gradients 1e-9 relative (round-off
-of a few thousand float64 ops is ~1e-14; the bound leaves margin but catches any real error,
-which shows up at 1e-3 or above); float32 1e-4 (float32 round-off on these sizes is ~1e-6).
+rollout alone. Tolerances are ``megatron_dta.devtools.parity``'s: FLOAT64 (logprobs 1e-10 absolute,
+gradients 1e-9 relative) and FLOAT32 (1e-4), each with its reason there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -18,25 +18,32 @@ from hypothesis import strategies as st
 from reference import MODEL_KINDS, float64_hf, hf_dense_step, hf_logprobs_of, make_hf_model, naive_logprobs
 
 from megatron_dta.attention import AttnSpec, sdpa_attention
+from megatron_dta.devtools.parity import FLOAT32, FLOAT64, compare
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
 from megatron_dta.rollouts import make_rollout
 
 VOCAB = 96
-_CACHE: dict = {}
 
 
-def hf_and_ours(kind: str, tmp_root, dtype=torch.float64):
-    key = (kind, dtype)
-    if key not in _CACHE:
-        if kind not in _CACHE:
-            hf = make_hf_model(kind, seed=MODEL_KINDS.index(kind), vocab=VOCAB)
-            path = tmp_root / f"hf-{kind}"
-            hf.save_pretrained(path)
-            _CACHE[kind] = (hf, path)
-        hf, path = _CACHE[kind]
-        _CACHE[key] = load_hf_checkpoint(path, dtype=dtype)[0]
-    return _CACHE[kind][0], _CACHE[key]
+@pytest.fixture(scope="module")
+def hf_and_ours(single_process_world, tmp_path_factory):
+    """``get(kind, dtype)``: (HF reference model, our model loaded from its checkpoint), each built
+    once per module (the hypothesis tests call it for every example)."""
+
+    @functools.cache
+    def saved(kind: str):
+        hf = make_hf_model(kind, seed=MODEL_KINDS.index(kind), vocab=VOCAB)
+        path = tmp_path_factory.mktemp(f"hf-{kind}")
+        hf.save_pretrained(path)
+        return hf, path
+
+    @functools.cache
+    def get(kind: str, dtype=torch.float64):
+        hf, path = saved(kind)
+        return hf, load_hf_checkpoint(path, single_process_world, dtype)[0]
+
+    return get
 
 
 @st.composite
@@ -74,29 +81,16 @@ def rollout_batches(draw, max_rollouts=9, max_len=24):
 
 
 def run_ours(model, rollouts, mode, block_size=2048, budget=1 << 20):
+    """(parity dump, StepResult) of one forward+backward of ``model``."""
     model.zero_grad(set_to_none=True)
     eng = Engine(model, EngineConfig(mode=mode, block_size=block_size, activation_budget_tokens=budget))
     res = eng.forward_backward(rollouts)
-    return res, gather_hf(model, "grad")
-
-
-def assert_matches(res, grads, ref, lp_tol, grad_tol):
-    ref_lps, ref_loss, ref_grads = ref
-    for i, (a, b) in enumerate(zip(res.logprobs, ref_lps)):
-        assert a.shape == b.shape
-        assert np.abs(a - b).max() <= lp_tol, f"rollout {i}: logprob error {np.abs(a - b).max():.3e}"
-    assert abs(res.loss.item() - ref_loss.item()) <= lp_tol * max(1, abs(ref_loss.item()))
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        err = (grads[name].double() - g).norm().item()
-        assert err <= grad_tol * g.norm().item() + 1e-13, (
-            f"{name}: relative grad error {err / g.norm().item():.3e}"
-        )
+    return {"logprobs": res.logprobs, "loss": res.loss, "grads": gather_hf(model, "grad")}, res
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_patched_reference_matches_naive_float64_forward(kind, tmp_path_factory):
-    hf, _ = hf_and_ours(kind, tmp_path_factory.getbasetemp())
+def test_patched_reference_matches_naive_float64_forward(kind, hf_and_ours):
+    hf, _ = hf_and_ours(kind)
     ids = np.random.default_rng(1).integers(0, VOCAB, 17)
     with torch.no_grad(), float64_hf():
         patched = hf_logprobs_of(hf, ids).numpy()
@@ -112,17 +106,16 @@ def test_patched_reference_matches_naive_float64_forward(kind, tmp_path_factory)
     block=st.sampled_from([1, 2, 3, 7, 2048]),
     budget=st.sampled_from([0, 6, 1 << 20]),
 )
-def test_all_modes_equal_hf_dense_float64(kind, rollouts, block, budget, tmp_path_factory):
-    hf, ours = hf_and_ours(kind, tmp_path_factory.getbasetemp())
+def test_all_modes_equal_hf_dense_float64(kind, rollouts, block, budget, hf_and_ours):
+    hf, ours = hf_and_ours(kind)
     ref = hf_dense_step(hf, rollouts)
     for mode in ("dense", "sparse", "dta"):
-        res, grads = run_ours(ours, rollouts, mode, block_size=block, budget=budget)
-        assert_matches(res, grads, ref, lp_tol=1e-10, grad_tol=1e-9)
+        assert compare(run_ours(ours, rollouts, mode, block_size=block, budget=budget)[0], ref, FLOAT64) == []
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_float32_within_1e4(kind, tmp_path_factory):
-    hf, ours32 = hf_and_ours(kind, tmp_path_factory.getbasetemp(), torch.float32)
+def test_float32_within_1e4(kind, hf_and_ours):
+    hf, ours32 = hf_and_ours(kind, torch.float32)
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, VOCAB, 20).tolist()
     rollouts = [
@@ -131,21 +124,20 @@ def test_float32_within_1e4(kind, tmp_path_factory):
     ]
     ref = hf_dense_step(hf, rollouts)
     for mode in ("dense", "sparse", "dta"):
-        res, grads = run_ours(ours32, rollouts, mode, block_size=8)
-        assert_matches(res, grads, ref, lp_tol=1e-4, grad_tol=1e-4)
+        assert compare(run_ours(ours32, rollouts, mode, block_size=8)[0], ref, FLOAT32) == []
 
 
-def test_deep_chain_no_recursion_limit(tmp_path_factory):
+def test_deep_chain_no_recursion_limit(hf_and_ours):
     """1,200 nested rollouts = a chain of 1,200 one-token nodes (DFS depth 1,200 > Python's limit).
 
     All rollouts are prefixes of the longest, so their logprobs are prefixes of its logprobs and the
     loss is a count-weighted sum over one sequence: the reference is a single HF forward/backward.
     """
-    hf, ours = hf_and_ours("qwen3", tmp_path_factory.getbasetemp())
+    hf, ours = hf_and_ours("qwen3")
     n = 1200
     ids = np.random.default_rng(3).integers(0, VOCAB, n)
     rollouts = [make_rollout(ids[:k], advantages=1.0 + 0.001 * k) for k in range(1, n + 1)]
-    res, grads = run_ours(ours, rollouts, "dta", block_size=2048, budget=64)
+    dump, res = run_ours(ours, rollouts, "dta", block_size=2048, budget=64)
     assert res.plan.extra["nodes"] == n
 
     hf.zero_grad(set_to_none=True)
@@ -159,11 +151,12 @@ def test_deep_chain_no_recursion_limit(tmp_path_factory):
         )
         loss = (-(adv_sum * torch.exp(lp - lp.detach()))[1:]).sum() / total
         loss.backward()
-    for k in (1, 2, 600, n):
-        np.testing.assert_allclose(res.logprobs[k - 1], lp.detach().numpy()[:k], rtol=0, atol=1e-10)
-    assert abs(res.loss.item() - loss.item()) < 1e-10
-    for name, p in hf.named_parameters():
-        assert (grads[name] - p.grad).norm() <= 1e-9 * p.grad.norm(), name
+    want = {
+        "logprobs": [lp.detach().numpy()[:k] for k in range(1, n + 1)],
+        "loss": loss.detach(),
+        "grads": {name: p.grad for name, p in hf.named_parameters()},
+    }
+    assert compare(dump, want, FLOAT64) == []
 
 
 def test_bottom_right_causal_alignment():
@@ -185,12 +178,12 @@ def test_bottom_right_causal_alignment():
     assert (out[0, 0] - top_left).abs().max() > 1e-3
 
 
-def test_logprobs_forward_only_matches_training_pass(tmp_path_factory):
-    _, ours = hf_and_ours("llama", tmp_path_factory.getbasetemp())
+def test_logprobs_forward_only_matches_training_pass(hf_and_ours):
+    _, ours = hf_and_ours("llama")
     rng = np.random.default_rng(4)
     prompt = rng.integers(0, VOCAB, 10).tolist()
     rollouts = [make_rollout(prompt + rng.integers(0, VOCAB, 4).tolist()) for _ in range(5)]
-    train, _ = run_ours(ours, rollouts, "dta", block_size=4)
+    _, train = run_ours(ours, rollouts, "dta", block_size=4)
     fwd = Engine(ours, EngineConfig(mode="dta", block_size=4)).logprobs(rollouts)
     for a, b in zip(fwd.logprobs, train.logprobs):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)

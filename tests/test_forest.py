@@ -129,6 +129,21 @@ def test_forest_matches_brute_force(seqs):
     check_packed(check_forest(seqs), seqs)
 
 
+@PROPERTY
+@given(batches(), st.integers(1, 30))
+def test_split_by_budget_fills_groups_up_to_the_budget_in_unique_tokens(seqs, budget):
+    """Sparse microbatches: rollouts in sorted order, each group's forest (its distinct prefixes)
+    within the budget unless it is one rollout, and greedy: the next group's first rollout did not fit."""
+    from megatron_dta.engine.plan import split_by_budget
+
+    groups = split_by_budget([np.asarray(s) for s in seqs], budget)
+    assert [i for g in groups for i in g] == sorted(range(len(seqs)), key=lambda i: seqs[i])
+    for g, nxt in itertools.zip_longest(groups, groups[1:]):
+        assert len(g) == 1 or len(distinct_prefixes([seqs[i] for i in g])) <= budget
+        if nxt is not None:
+            assert len(distinct_prefixes([seqs[i] for i in g + nxt[:1]])) > budget
+
+
 @pytest.mark.parametrize(
     "seqs",
     [

@@ -35,10 +35,10 @@ class _Causal:
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(single_process_world):
     torch.manual_seed(0)
     cfg = ModelConfig("qwen3", VOCAB, 64, 96, 2, 4, 2, qk_norm=True)
-    return Transformer(cfg, tp=1, dtype=torch.float64)
+    return Transformer(cfg, single_process_world, torch.float64)
 
 
 def dense_logprobs_entropy(model, ids: np.ndarray):

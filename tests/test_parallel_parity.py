@@ -1,9 +1,9 @@
-"""TP=2 and DP=2 (torchrun, gloo, 2 processes) equal TP=1 through tools/dump_step.py, and the
-HF checkpoint import/export is exact and refuses what it cannot represent."""
+"""TP=2 and DP=2 (torchrun, gloo, 2 processes) equal TP=1 through tools/dump_step.py, the dump
+comparison flags what it should, and the HF checkpoint import/export is exact and refuses what it
+cannot represent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +14,7 @@ import pytest
 import torch
 from reference import hf_dense_step, make_hf_model
 
+from megatron_dta.devtools.parity import FLOAT64, compare
 from megatron_dta.model.hf import (
     CheckpointError,
     config_from_hf,
@@ -67,27 +68,49 @@ def dump(tmp, name, *extra, nproc=1):
     return out
 
 
-def assert_equal(a, b):
-    """The tool's own comparison, in process (the CLI face is tested below)."""
-    spec = importlib.util.spec_from_file_location("dump_step_tool", ROOT / "tools/dump_step.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    bad = tool.compare(torch.load(a, weights_only=False), torch.load(b, weights_only=False), "float64")
-    assert not bad, bad
+def load(path):
+    return torch.load(path, weights_only=False)
 
 
 def test_dump_matches_hf_and_tp2_dp2_match_tp1(setup):
     tmp, hf, rollouts = setup
-    ref = dump(tmp, "dta_tp1", "--mode", "dta", "--block-size", "4")
-    d = torch.load(ref, weights_only=False)
-    ref_lps, ref_loss, ref_grads = hf_dense_step(hf, rollouts)
-    for a, b in zip(d["logprobs"], ref_lps):
-        np.testing.assert_allclose(a.numpy(), b, rtol=0, atol=1e-10)
-    assert abs(d["loss"].item() - ref_loss.item()) <= 1e-10 * max(1.0, abs(ref_loss.item()))
-    for name, g in ref_grads.items():  # float64 round-off bound, see test_exactness.py
-        assert (d["grads"][name] - g).norm() <= 1e-9 * g.norm(), name
-    assert_equal(dump(tmp, "dta_tp2", "--mode", "dta", "--block-size", "4", "--tp", "2", nproc=2), ref)
-    assert_equal(dump(tmp, "sparse_dp2", "--mode", "sparse", "--dp", "2", nproc=2), ref)
+    ref = load(dump(tmp, "dta_tp1", "--mode", "dta", "--block-size", "4"))
+    assert compare(ref, hf_dense_step(hf, rollouts), FLOAT64) == []
+    tp2 = dump(tmp, "dta_tp2", "--mode", "dta", "--block-size", "4", "--tp", "2", nproc=2)
+    assert compare(load(tp2), ref, FLOAT64) == []
+    assert (
+        compare(load(dump(tmp, "sparse_dp2", "--mode", "sparse", "--dp", "2", nproc=2)), ref, FLOAT64) == []
+    )
+
+
+def test_compare_flags_each_field_beyond_its_tolerance_and_nothing_within():
+    rng = np.random.default_rng(0)
+    want = {
+        "logprobs": [rng.normal(size=n) for n in (3, 1, 5)],
+        "loss": torch.tensor(rng.normal(), dtype=torch.float64),
+        "grads": {"a": torch.from_numpy(rng.normal(size=(4, 3))), "b": torch.from_numpy(rng.normal(size=2))},
+    }
+
+    def changed(key, factor):
+        got = {"logprobs": list(want["logprobs"]), "loss": want["loss"], "grads": dict(want["grads"])}
+        if key == "logprobs":
+            got["logprobs"][2] = got["logprobs"][2] + factor * FLOAT64.logprob
+        elif key == "loss":
+            got["loss"] = got["loss"] + factor * FLOAT64.logprob * max(1.0, abs(want["loss"].item()))
+        else:
+            g = want["grads"]["b"]
+            got["grads"]["b"] = g + factor * FLOAT64.grad * g.norm() / g.numel() ** 0.5
+        return got
+
+    for key, line in (("logprobs", "logprobs[2]"), ("loss", "loss"), ("grads", "grads[b]")):
+        assert compare(changed(key, 0.5), want, FLOAT64) == [], key
+        bad = compare(changed(key, 2.0), want, FLOAT64)
+        assert len(bad) == 1 and bad[0].startswith(line), bad
+    missing = {**want, "grads": {"a": want["grads"]["a"]}, "logprobs": want["logprobs"][:2]}
+    assert compare(missing, want, FLOAT64) == ["rollout count 2 != 3", "grads[b]: present in only one dump"]
+    assert compare({k: want[k] for k in ("logprobs", "grads")}, want, FLOAT64) == [
+        "loss: present in only one dump"
+    ]
 
 
 def test_assert_equal_detects_a_difference(setup):
@@ -115,13 +138,13 @@ def test_assert_equal_detects_a_difference(setup):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_hf_round_trip_is_bit_exact(kind, tmp_path):
+def test_hf_round_trip_is_bit_exact(kind, tmp_path, single_process_world):
     from safetensors.torch import load_file
 
     hf = make_hf_model(kind, dtype=torch.float32, vocab=VOCAB)
     hf.save_pretrained(tmp_path / "src", max_shard_size="20KB")  # sharded on purpose
     assert hf_weight_map(tmp_path / "src") is not None
-    model, hf_cfg = load_hf_checkpoint(tmp_path / "src", dtype=torch.float64)
+    model, hf_cfg = load_hf_checkpoint(tmp_path / "src", single_process_world, torch.float64)
     save_hf_checkpoint(
         gather_hf(model, "param"), hf_cfg, tmp_path / "out", hf_weight_map(tmp_path / "src"), "float32"
     )
@@ -179,3 +202,14 @@ def test_bad_checkpoint_dir_gives_clear_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_only_parallel_py_touches_megatron_parallel_state():
+    """The layout owns the process groups: everything else receives them from it (issue 12)."""
+    users = sorted(
+        str(p.relative_to(ROOT))
+        for folder in ("megatron_dta", "tools")
+        for p in (ROOT / folder).rglob("*.py")
+        if "parallel_state" in p.read_text()
+    )
+    assert users == ["megatron_dta/parallel.py"]

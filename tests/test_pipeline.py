@@ -5,6 +5,7 @@ shapes of the synthetic workloads; every run has a timeout that fails loudly on 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from reference import make_hf_model
 
+from megatron_dta.devtools.parity import SAME_OPS_FLOAT64, compare
 from megatron_dta.pipeline import dfs_schedule, event_tokens
 from megatron_dta.rollouts import make_rollout, write_rollouts
 from megatron_dta.synthetic import WORKLOADS, multi_turn, tree_search
@@ -63,6 +65,17 @@ def setup(tmp_path_factory):
     return tmp
 
 
+def run(cmd: list[str]) -> None:
+    """Run ``cmd`` from the repository root; fail loudly on an error or on a deadlock's timeout."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s (pipeline deadlock?)\n{exc.stdout}\n{exc.stderr}"
+        )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def dump(tmp, kind, name, *extra, nproc=1, rollouts="rollouts.jsonl"):
     out = tmp / f"{kind}_{name}.pt"
     if out.exists():  # the same reference serves several tests
@@ -82,26 +95,14 @@ def dump(tmp, kind, name, *extra, nproc=1, rollouts="rollouts.jsonl"):
         str(out),
         *extra,
     ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(
-            f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s (pipeline deadlock?)\n{exc.stdout}\n{exc.stderr}"
-        )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run(cmd)
     return torch.load(out, weights_only=False)
 
 
-def assert_equal(a, b):
+def assert_equal(got, want):
     """Same order of float64 operations per unit; only the reduction order of summed grads
-    differs (tied embedding: two stages' sums), so round-off tolerances."""
-    assert len(a["logprobs"]) == len(b["logprobs"])
-    for x, y in zip(a["logprobs"], b["logprobs"]):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-12, atol=0)
-    assert set(a["grads"]) == set(b["grads"])
-    for name, g in b["grads"].items():
-        assert (a["grads"][name] - g).norm() <= 1e-10 * g.norm(), name
+    differs (tied embedding: two stages' sums): SAME_OPS_FLOAT64."""
+    assert compare(got, want, SAME_OPS_FLOAT64) == []
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
@@ -148,7 +149,8 @@ from megatron_dta.pipeline import forward_backward_pipelining_dfs
 from megatron_dta.rollouts import load_rollouts
 ckpt, rollouts_path, out = sys.argv[1:4]
 layout = ParallelLayout.create(pp=2)
-model, _ = load_hf_checkpoint(ckpt, dtype=torch.float64, stage=(layout.pp_rank, 2))
+assert (layout.prev_rank, layout.next_rank) == [(None, 1), (0, None)][layout.rank]  # the layout's neighbours
+model, _ = load_hf_checkpoint(ckpt, layout, torch.float64)
 rollouts = load_rollouts(rollouts_path)
 halves = [rollouts[:4], rollouts[4:]]
 loss = PolicyLoss()
@@ -156,12 +158,12 @@ den = loss.local_denominator(rollouts)
 step = lambda it, _m: (next(it), loss, den)
 cfg = EngineConfig(block_size=4)
 res = forward_backward_pipelining_dfs(forward_step_func=step, data_iterator=iter(halves), model=model,
-                                      num_microbatches=2, engine_config=cfg, forward_only=True)
+                                      num_microbatches=2, layout=layout, engine_config=cfg, forward_only=True)
 assert all(p.grad is None for p in model.parameters())
 logprobs = [lp for r in res for lp in r.logprobs]
 for half in halves:  # gradient accumulation over two calls, as a train loop with two global batches
     forward_backward_pipelining_dfs(forward_step_func=step, data_iterator=iter([half]), model=[model],
-                                    num_microbatches=1, engine_config=cfg)
+                                    num_microbatches=1, layout=layout, engine_config=cfg)
 grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
 if model.is_last:
     torch.save({"logprobs": logprobs, "grads": grads}, out)
@@ -173,38 +175,29 @@ def test_schedule_api_forward_only_and_accumulation_equal_pp1(setup):
     two calls accumulate the grads of one (the tied embedding summed once per call)."""
     ref = dump(setup, "qwen2", "pp1", "--block-size", "4")
     (setup / "schedule_api.py").write_text(SCHEDULE_API)
-    cmd = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(setup / "schedule_api.py"),
-        str(setup / "qwen2"),
-        str(setup / "rollouts.jsonl"),
-        str(setup / "schedule_api.pt"),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(
-            f"pipeline schedule did not finish in {TIMEOUT_S}s (deadlock?)\n{exc.stdout}\n{exc.stderr}"
-        )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = torch.load(setup / "schedule_api.pt", weights_only=False)
-    assert len(got["logprobs"]) == len(ref["logprobs"])
-    for x, y in zip(got["logprobs"], ref["logprobs"]):
-        np.testing.assert_allclose(x, y.numpy(), rtol=0, atol=1e-12)  # same float64 ops per unit
-    assert set(got["grads"]) == set(ref["grads"])
-    for name, g in ref["grads"].items():  # accumulation order differs: round-off
-        assert (got["grads"][name] - g).norm() <= 1e-10 * g.norm(), name
+    api = setup / "schedule_api.pt"
+    run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(setup / "schedule_api.py"),
+            str(setup / "qwen2"),
+            str(setup / "rollouts.jsonl"),
+            str(api),
+        ]
+    )
+    # the logprob pass has no loss: the dump's logprobs and the accumulated grads are compared
+    assert_equal(torch.load(api, weights_only=False), {"logprobs": ref["logprobs"], "grads": ref["grads"]})
 
 
-def test_layers_must_split_evenly_over_stages():
+def test_layers_must_split_evenly_over_stages(single_process_world):
     from megatron_dta.model.config import ModelConfig
     from megatron_dta.model.transformer import Transformer
 
     with pytest.raises(ValueError, match="parallel.pp=3 must divide model.num_layers"):
-        Transformer(ModelConfig(num_layers=4), stage=(0, 3))
+        Transformer(ModelConfig(num_layers=4), dataclasses.replace(single_process_world, pp=3))
 
 
 def test_schedule_equals_1f1b_on_single_unit_microbatches():

@@ -308,7 +308,7 @@ def test_pp2_resume_repeats_the_run(tmp_path):
         assert torch.equal(t, ref_w[name]), name
 
 
-def test_export_loads_in_transformers_with_our_logits(reference, tmp_path):
+def test_export_loads_in_transformers_with_our_logits(reference, tmp_path, single_process_world):
     """transformers loads the exported checkpoint and its log-probs equal ours (float64, patched HF
     as in test_exactness: round-off only, 1e-10)."""
     from reference import float64_hf, hf_logprobs_of
@@ -318,7 +318,7 @@ def test_export_loads_in_transformers_with_our_logits(reference, tmp_path):
     hf_dir = tmp_path / "hf"
     assert export(str(run), str(hf_dir), step=4) == step_dir(run, 4)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa").eval()
-    ours, _ = load_hf_checkpoint(hf_dir, dtype=torch.float64)
+    ours, _ = load_hf_checkpoint(hf_dir, single_process_world, torch.float64)
     rollouts = make_workload(
         "multi_turn",
         128,

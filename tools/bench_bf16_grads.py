@@ -39,14 +39,14 @@ MODES = {
 }
 
 
-def models(seed: int = 0) -> dict[torch.dtype, Transformer]:
+def models(layout, seed: int = 0) -> dict[torch.dtype, Transformer]:
     """The same weights (bfloat16 values) in a float64 and a bfloat16 model."""
     torch.manual_seed(seed)
-    m64 = Transformer(MODEL, dtype=torch.float64)
+    m64 = Transformer(MODEL, layout, dtype=torch.float64)
     with torch.no_grad():
         for p in m64.parameters():
             p.copy_(p.to(torch.bfloat16))
-    m16 = Transformer(MODEL, dtype=torch.bfloat16)
+    m16 = Transformer(MODEL, layout, dtype=torch.bfloat16)
     with torch.no_grad():
         for p16, p64 in zip(m16.parameters(), m64.parameters(), strict=True):
             p16.copy_(p64)
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     from megatron_dta.parallel import ParallelLayout, shutdown
 
     torch.set_num_threads(1)
-    ParallelLayout.create(device="cpu")
-    ms = models(args.seed)
+    ms = models(ParallelLayout.create(device="cpu"), args.seed)
     rows = []
     print(f"{'N':>5} {'mode':>6} {'accum':>5} {'units':>6} {'grad rel err':>13} {'logprob err':>12}")
     for n in map(int, args.rollouts.split(",")):

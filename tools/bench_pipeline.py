@@ -15,6 +15,7 @@ hurts each alike). Prints a table with ratios to PP=1 and the schedule's simulat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -64,8 +65,9 @@ def main(argv=None) -> int:
         qk_norm=True,
     )
     torch.manual_seed(0)
-    full = Transformer(cfg, dtype=torch.float32) if layout.pp_rank == 0 else None
-    stage = Transformer(cfg, dtype=torch.float32, stage=(layout.pp_rank, 2))
+    whole = dataclasses.replace(layout, pp=1, pp_rank=0)  # the PP=1 reference: every layer on this rank
+    full = Transformer(cfg, whole, torch.float32) if layout.pp_rank == 0 else None
+    stage = Transformer(cfg, layout, torch.float32)
     rollouts = make_workload(
         args.workload, vocab_size=cfg.vocab_size, seed=0, **parse_workload_args(args.workload_arg)
     )
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
             data_iterator=iter(micro),
             model=stage,
             num_microbatches=len(micro),
+            layout=layout,
             engine_config=ecfg,
             microbatches_in_flight=in_flight,
         )

@@ -73,7 +73,7 @@ def model_config(args):
 def run_worker(args) -> None:
     import torch
 
-    from megatron_dta.bench import run_mode
+    from megatron_dta.devtools.bench import run_mode
     from megatron_dta.rollouts import load_rollouts
 
     cfg = model_config(args)

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    ParallelLayout.create(device=device)
+    layout = ParallelLayout.create(device=device)
     cfg = preset(args.model)
-    model = Transformer(cfg, dtype=dtype, device=device)
+    model = Transformer(cfg, layout, dtype)
     engine = Engine(model, EngineConfig(mode="dta"), device=device)
     rng = np.random.default_rng(args.seed)
     pools = {

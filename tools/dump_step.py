@@ -21,30 +21,6 @@ import sys
 import torch
 
 
-def compare(a: dict, b: dict, dtype: str) -> list[str]:
-    """Worst differences beyond a dtype-aware tolerance (float64: round-off; float32: 1e-4)."""
-    lp_tol, grad_rel = (1e-10, 1e-9) if dtype == "float64" else (1e-4, 1e-4)
-    bad = []
-    for i, (x, y) in enumerate(zip(a["logprobs"], b["logprobs"])):
-        err = (x - y).abs().max().item() if len(x) else 0.0
-        if x.shape != y.shape or err > lp_tol:
-            bad.append(f"logprobs[{i}]: max abs diff {err:.3e} > {lp_tol}")
-    if len(a["logprobs"]) != len(b["logprobs"]):
-        bad.append(f"rollout count {len(a['logprobs'])} != {len(b['logprobs'])}")
-    loss_err = abs(a["loss"].item() - b["loss"].item())
-    if loss_err > lp_tol * max(1.0, abs(b["loss"].item())):
-        bad.append(f"loss: |{a['loss'].item()} - {b['loss'].item()}| = {loss_err:.3e}")
-    for name in sorted(set(a["grads"]) | set(b["grads"])):
-        if name not in a["grads"] or name not in b["grads"]:
-            bad.append(f"grads[{name}]: present in only one dump")
-            continue
-        x, y = a["grads"][name], b["grads"][name]
-        rel = ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
-        if rel > grad_rel and (x - y).abs().max().item() > 1e-14:
-            bad.append(f"grads[{name}]: relative diff {rel:.3e} > {grad_rel}")
-    return bad
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-checkpoint", help="local HF checkpoint directory (config.json + *.safetensors)")
@@ -75,10 +51,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.assert_equal_to:
+        from megatron_dta.devtools.parity import TOLERANCES, compare
+
         a = torch.load(args.out, weights_only=False)
         b = torch.load(args.assert_equal_to, weights_only=False)
         dtype = a.get("dtype", args.dtype)
-        bad = compare(a, b, dtype)
+        bad = compare(a, b, TOLERANCES[dtype])
         for line in bad[:20]:
             print(line)
         print("EQUAL" if not bad else f"DIFFERENT ({len(bad)} tensors beyond tolerance, dtype {dtype})")
@@ -88,7 +66,7 @@ def main(argv=None) -> int:
 
     from megatron_dta.cli_util import user_errors
     from megatron_dta.parallel import shutdown
-    from megatron_dta.parity import dump_step
+    from megatron_dta.devtools.parity import dump_step
 
     with user_errors():
         dump = dump_step(

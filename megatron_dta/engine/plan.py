@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from megatron_dta.attention import AttnSpec
-from megatron_dta.forest import PrefixForest
+from megatron_dta.forest import PrefixForest, common_prefix_length
 
 MODES = ("dense", "sparse", "dta")
 
@@ -171,12 +171,7 @@ def split_by_budget(sequences: list[np.ndarray], budget: int | None) -> list[lis
     groups, cur, used, prev = [], [], 0, None
     for i in order:
         s = sequences[i]
-        if prev is not None:
-            m = min(len(s), len(prev))
-            d = np.flatnonzero(s[:m] != prev[:m])
-            new = len(s) - (int(d[0]) if len(d) else m)
-        else:
-            new = len(s)
+        new = len(s) - (common_prefix_length(prev, s) if prev is not None else 0)
         if cur and budget is not None and used + new > budget:
             groups.append(cur)
             cur, used, new = [], 0, len(s)

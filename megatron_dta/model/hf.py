@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_dta.errors import CheckpointError
 from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
+from megatron_dta.parallel import ParallelLayout
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -206,17 +207,15 @@ def load_hf_into(
         params[ours].copy_(local)
 
 
-def load_hf_checkpoint(
-    path, tp: int = 1, tp_rank: int = 0, dtype=torch.float32, device="cpu", stage: tuple[int, int] = (0, 1)
-):
-    """Build a Transformer from a local HF directory (TP shard ``tp_rank`` of ``tp``, pipeline
-    stage ``stage=(pp_rank, pp_size)``)."""
+def load_hf_checkpoint(path, layout: ParallelLayout, dtype=torch.float32):
+    """Build this rank's part of a Transformer under ``layout`` (its TP shard of its pipeline
+    stage) from a local HF directory."""
     from megatron_dta.model.transformer import Transformer
 
     hf_cfg, tensors = read_hf_dir(path)
     cfg = config_from_hf(hf_cfg, str(Path(path) / "config.json"))
-    model = Transformer(cfg, tp=tp, dtype=dtype, device=device, stage=stage)
-    load_hf_into(model, tensors, tp_rank, str(path))
+    model = Transformer(cfg, layout, dtype)
+    load_hf_into(model, tensors, layout.tp_rank, str(path))
     return model, hf_cfg
 
 

@@ -24,13 +24,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_dta.parallel import all_reduce_over
+
 KEEP_LOGITS_BYTES = 64 << 20
-
-
-def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
 
 
 def _logits(hidden_cH: torch.Tensor, weight_VH: torch.Tensor, out_cV: torch.Tensor) -> torch.Tensor:
@@ -69,7 +65,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             b = min(T, a + chunk)
             z_out = hidden_TH.new_empty(b - a, V, dtype=cdtype) if keep_z else z_buf[: b - a]
             z_cV = _logits(hidden_TH[a:b], weight_VH, z_out)
-            m_T[a:b] = _all_reduce(z_cV.amax(dim=-1), dist.ReduceOp.MAX, group)
+            m_T[a:b] = all_reduce_over(z_cV.amax(dim=-1), group, op=dist.ReduceOp.MAX)
             # z_cV holds z - m from here on (kept that way for backward)
             e_cV = _shift_exp(z_cV, m_T[a:b], torch.empty_like(z_cV) if keep_e else e_buf[: b - a])
             zt_c = z_cV.gather(1, local_t[a:b, None]).squeeze(1) * owned[a:b]
@@ -81,7 +77,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
                 ez_c = e_cV.mul_(z_cV).sum(-1)  # e is not needed again: the product overwrites it
             if keep_z:
                 kept_z.append(z_cV)
-            sums_3c = _all_reduce(torch.stack([s_c, ez_c, zt_c]), dist.ReduceOp.SUM, group)
+            sums_3c = all_reduce_over(torch.stack([s_c, ez_c, zt_c]), group)
             log_s_T[a:b] = torch.log(sums_3c[0])
             mean_zs_T[a:b] = sums_3c[1] / sums_3c[0]
             target_zs_T[a:b] = sums_3c[2]

@@ -13,6 +13,7 @@ float64 end to end.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from megatron_dta.errors import ConfigError
 from megatron_dta.model.config import ModelConfig
 from megatron_dta.model.lm_head import fused_logprob_entropy
+from megatron_dta.parallel import ParallelLayout
 
 # megatron-core 0.16's RowParallelLinear passes tp_group=None to its own linear function even when
 # the layer has a group, which warns on every call; the group is correct, the warning is noise.
@@ -87,15 +89,26 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.n_local, self.k_local, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        # fused q|k|v: each rank holds [its q heads, its k heads, its v heads] (hf.py lays it out)
-        self.qkv = tpl.ColumnParallelLinear(
-            cfg.hidden_size,
-            (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+        # outputs stay sharded over the TP group; a row-parallel layer's input is already split
+        column = partial(
+            tpl.ColumnParallelLinear,
             config=mp_config,
             init_method=init,
-            bias=cfg.qkv_bias,
             gather_output=False,
             tp_group=tp_group,
+        )
+        row = partial(
+            tpl.RowParallelLinear,
+            config=mp_config,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
+        # fused q|k|v: each rank holds [its q heads, its k heads, its v heads] (hf.py lays it out)
+        self.qkv = column(
+            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias
         )
         self.q_norm = (
             RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
@@ -103,37 +116,10 @@ class DecoderLayer(nn.Module):
         self.k_norm = (
             RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, tp_group) if cfg.qk_norm else None
         )
-        self.o_proj = tpl.RowParallelLinear(
-            cfg.num_heads * cfg.head_dim,
-            cfg.hidden_size,
-            config=mp_config,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
+        self.o_proj = row(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        # fused gate|up, each rank [its gate rows, its up rows]
-        self.gate_up = tpl.ColumnParallelLinear(
-            cfg.hidden_size,
-            2 * cfg.intermediate_size,
-            config=mp_config,
-            init_method=init,
-            bias=False,
-            gather_output=False,
-            tp_group=tp_group,
-        )
-        self.down = tpl.RowParallelLinear(
-            cfg.intermediate_size,
-            cfg.hidden_size,
-            config=mp_config,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tp_group,
-        )
+        self.gate_up = column(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate rows, up rows]
+        self.down = row(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x_TH, cos, sin, kv: KVContext):
         T = x_TH.shape[0]
@@ -153,44 +139,31 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Parameters are sharded over ``tp`` ranks of megatron's tensor-parallel group.
-
-    ``stage=(pp_rank, pp_size)`` builds one pipeline stage: an even, contiguous slice of the layers
+    """This rank's part of the model under ``layout``: parameters sharded over ``layout.tp_group``,
+    and the pipeline stage ``layout.stage = (pp_rank, pp)``: an even, contiguous slice of the layers
     (``layers.i`` is global layer ``layer_offset + i``), the embedding on the first stage, the final
     norm and LM head on the last. With tied embeddings and pp > 1 the last stage holds a copy of
     the embedding as ``lm_head``; ``megatron_dta.pipeline`` sums the two grads after backward.
+    The model keeps only the TP group it communicates over, not the layout.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        tp: int = 1,
-        dtype=torch.float32,
-        device="cpu",
-        stage: tuple[int, int] = (0, 1),
-    ):
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout, dtype=torch.float32):
         super().__init__()
         from megatron.core import ModelParallelConfig
-        from megatron.core import parallel_state as ps
 
+        tp, (pp_rank, pp), device = layout.tp, layout.stage, layout.device
         if cfg.num_heads % tp or cfg.num_kv_heads % tp or cfg.intermediate_size % tp:
             raise ConfigError(
                 f"parallel.tp={tp} must divide model.num_heads ({cfg.num_heads}), model.num_kv_heads "
                 f"({cfg.num_kv_heads}) and model.intermediate_size ({cfg.intermediate_size})"
             )
-        pp_rank, pp = stage
         if cfg.num_layers % pp:
             raise ConfigError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
-        self.stage, self.is_first, self.is_last = stage, pp_rank == 0, pp_rank == pp - 1
+        self.stage, self.is_first, self.is_last = layout.stage, pp_rank == 0, pp_rank == pp - 1
         n_local = cfg.num_layers // pp
         self.layer_offset = pp_rank * n_local
-        self.tp_group = ps.get_tensor_model_parallel_group()
-        self.tp_rank = self.tp_group.rank()
-        if self.tp_group.size() != tp:
-            raise ValueError(
-                f"model built for tp={tp} but the tensor-parallel group has {self.tp_group.size()} ranks"
-            )
+        self.tp_group, self.tp_rank = layout.tp_group, layout.tp_rank
         self.padded_vocab = -(-cfg.vocab_size // tp) * tp  # megatron splits the vocab evenly
         if (tp - 1) * (self.padded_vocab // tp) >= cfg.vocab_size:
             raise ConfigError(
@@ -260,5 +233,6 @@ class Transformer(nn.Module):
     def logprobs(self, hidden_PH: torch.Tensor, targets_P: torch.Tensor, chunk: int = 1024):
         """(log p(target), entropy) per row, computed in max(dtype, float32); [P] each."""
         h = _mp().copy_to_tensor_model_parallel_region(hidden_PH, group=self.tp_group)
-        group = self.tp_group if self.tp > 1 else None
-        return fused_logprob_entropy(h, self.output_weight(), targets_P, self.vocab_start, group, chunk)
+        return fused_logprob_entropy(
+            h, self.output_weight(), targets_P, self.vocab_start, self.tp_group, chunk
+        )

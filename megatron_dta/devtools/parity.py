@@ -1,10 +1,15 @@
-"""The parity step behind tools/dump_step.py: one forward+backward of the default loss, gathered.
+"""Parity dumps: one forward+backward of the default loss, gathered (behind tools/dump_step.py),
+and ``compare``, the one comparison of two dumps that the tool and the tests share.
 
-Used to compare modes, dtypes and parallel layouts with each other and with HF transformers.
+Used to compare modes, dtypes and parallel layouts with each other and with HF transformers. A dump
+maps ``logprobs`` (per rollout, [L] float64), ``loss`` (0-dim) and ``grads`` (HF parameter name ->
+full, unsharded gradient).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import pairwise
 from types import SimpleNamespace
 
@@ -24,6 +29,60 @@ from megatron_dta.parallel import (
     shard_indices,
 )
 from megatron_dta.rollouts import load_rollouts
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far two dumps of one computation may differ."""
+
+    logprob: float  # max |a - b| of any log-prob; the loss may differ by this x max(1, |loss|)
+    grad: float  # ||a - b|| / ||b|| of each gradient tensor, plus GRAD_FLOOR
+
+
+# float64 against an independent float64 computation (HF transformers, another mode or layout):
+# round-off of a few thousand float64 ops is ~1e-14; a real error shows at 1e-3 or above
+FLOAT64 = Tolerance(logprob=1e-10, grad=1e-9)
+# the same float64 operations per unit (a pipeline vs one stage): only grad summation order differs
+SAME_OPS_FLOAT64 = Tolerance(logprob=1e-12, grad=1e-10)
+# float32 against float64: float32 round-off on these sizes is ~1e-6
+FLOAT32 = Tolerance(logprob=1e-4, grad=1e-4)
+# by a dump's dtype (tools/dump_step.py --assert-equal-to)
+TOLERANCES = {"float64": FLOAT64, "float32": FLOAT32}
+GRAD_FLOOR = 1e-13  # absolute: a gradient that is zero in the reference may still carry round-off
+
+
+def compare(got: Mapping, want: Mapping, tol: Tolerance) -> list[str]:
+    """Every difference of ``got`` from the reference ``want`` beyond ``tol``, one line each (empty:
+    equal). The fields both dumps have are compared; a field only one has is a difference."""
+    bad = [
+        f"{key}: present in only one dump"
+        for key in ("logprobs", "loss", "grads")
+        if (key in got) != (key in want)
+    ]
+    if "logprobs" in got and "logprobs" in want:
+        if len(got["logprobs"]) != len(want["logprobs"]):
+            bad.append(f"rollout count {len(got['logprobs'])} != {len(want['logprobs'])}")
+        for i, (x, y) in enumerate(zip(got["logprobs"], want["logprobs"])):
+            x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+            if x.shape != y.shape:
+                bad.append(f"logprobs[{i}]: shape {tuple(x.shape)} != {tuple(y.shape)}")
+                continue
+            err = (x - y).abs().max().item() if x.numel() else 0.0
+            if err > tol.logprob:
+                bad.append(f"logprobs[{i}]: max abs diff {err:.3e} > {tol.logprob}")
+    if "loss" in got and "loss" in want:
+        x, y = float(got["loss"]), float(want["loss"])
+        if abs(x - y) > tol.logprob * max(1.0, abs(y)):
+            bad.append(f"loss: |{x} - {y}| = {abs(x - y):.3e} > {tol.logprob} x max(1, |loss|)")
+    if "grads" in got and "grads" in want:
+        for name in sorted(set(got["grads"]) ^ set(want["grads"])):
+            bad.append(f"grads[{name}]: present in only one dump")
+        for name in sorted(set(got["grads"]) & set(want["grads"])):
+            x, y = got["grads"][name].double(), want["grads"][name].double()
+            err, norm = (x - y).norm().item(), y.norm().item()
+            if err > tol.grad * norm + GRAD_FLOOR:
+                bad.append(f"grads[{name}]: relative diff {err / max(norm, 1e-300):.3e} > {tol.grad}")
+    return bad
 
 
 def dump_step(
@@ -46,14 +105,7 @@ def dump_step(
         raise UserError(
             f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) = {layout.dp}"
         )
-    model, _ = load_hf_checkpoint(
-        hf_dir,
-        tp=tp,
-        tp_rank=layout.tp_rank,
-        dtype=TORCH_DTYPES[dtype],
-        device=layout.device,
-        stage=(layout.pp_rank, pp),
-    )
+    model, _ = load_hf_checkpoint(hf_dir, layout, TORCH_DTYPES[dtype])
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
     if len(rollouts) < layout.dp:
         raise UserError(
@@ -100,9 +152,8 @@ def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatch
         data_iterator=iter(parts),
         model=model,
         num_microbatches=len(parts),
+        layout=layout,
         engine_config=engine_cfg,
-        device=layout.device,
-        microbatches_in_flight=layout.microbatches_in_flight,
     )
     box = broadcast_from_last_stage([(r.loss, r.logprobs) for r in results], layout)
     losses, logprobs = zip(*box)

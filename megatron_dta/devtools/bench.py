@@ -116,16 +116,16 @@ def run_mode(
 
     torch.manual_seed(0)
     tdtype = TORCH_DTYPES[dtype]
-    ParallelLayout.create(tp=1, device=device)
+    layout = ParallelLayout.create(tp=1, device=device)
     if mode.startswith("hf_"):
         model, step = _hf_step_fn(cfg, tdtype, device, rollouts, packed=(mode == "hf_sparse"))
     else:
         if hf_dir:
             from megatron_dta.model.hf import load_hf_checkpoint
 
-            model, _ = load_hf_checkpoint(hf_dir, dtype=tdtype, device=device)
+            model, _ = load_hf_checkpoint(hf_dir, layout, tdtype)
         else:
-            model = Transformer(cfg, dtype=tdtype, device=device)
+            model = Transformer(cfg, layout, tdtype)
         engine = Engine(
             model,
             EngineConfig(

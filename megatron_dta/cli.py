@@ -19,7 +19,9 @@ configuration: a YAML file of sections, each a mapping of keys; the defaults are
               device (auto|cpu|cuda); data parallel = world size / (tp x pp)
   data        rollouts (JSONL) | workload (+ workload_args), rollouts_per_step, microbatch_tokens,
               cost_model (tools/calibrate.py output),
-              fill_old_logprobs, seed
+              fill_old_logprobs, seed; online mode (docs/rl_loop.md): follow (rollouts names a
+              directory of step_000001.jsonl, ...), epochs_per_file, follow_timeout, publish_dir,
+              publish_keep
   loss        eps_clip_low/high, dual_clip, kl_coef, kl_estimator (k1|k3), entropy_coef,
               normalization (token_mean|sequence_mean|constant), constant_divisor,
               group_normalize_advantages, group_std_eps

@@ -262,3 +262,34 @@ def test_killed_online_run_resumes_at_the_right_file(online_reference, tmp_path)
     assert [m["rollout_file"] for m in history] == [2, 2, 3, 3][-len(history) :]
     assert_same_run(run, ref_tmp / "ref" / "run")
     assert set(EXACT_KEYS) <= set(history[-1])
+
+
+def test_toy_rl_example_runs_and_writes_its_records(tmp_path):
+    """examples/toy_rl.py end to end at a tiny size (two iterations): one record per iteration with
+    the documented keys, a shared prefix tree (sharing > 1), both timings measured, and the plot.
+    Its learning curve is measured in docs/rl_loop.md (minutes, too long for a test)."""
+    out = tmp_path / "toy"
+    args = ["--iterations", "2", "--prompts", "2", "--group", "3", "--ppo-steps", "2", "--out", out]
+    proc = subprocess.run(
+        [PY, "examples/toy_rl.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    records = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1]
+    for r in records:
+        assert set(r) == {
+            "iteration",
+            "mean_reward",
+            "sharing_ratio",
+            "train_seconds",
+            "dense_equivalent_seconds",
+        }
+        assert 0 <= r["mean_reward"] <= 1 and r["sharing_ratio"] > 1
+        assert r["train_seconds"] > 0 and r["dense_equivalent_seconds"] > 0
+    assert (out / "rewards.png").stat().st_size > 0
+    assert step_of(latest_complete(out / "run")) == 4  # Trainer.save() after 2 x 2 PPO steps

@@ -293,3 +293,33 @@ def test_toy_rl_example_runs_and_writes_its_records(tmp_path):
         assert r["train_seconds"] > 0 and r["dense_equivalent_seconds"] > 0
     assert (out / "rewards.png").stat().st_size > 0
     assert step_of(latest_complete(out / "run")) == 4  # Trainer.save() after 2 x 2 PPO steps
+
+
+@pytest.mark.slow
+def test_online_dp2_equals_one_process(online_reference, tmp_path):
+    """Online mode under torchrun, DP=2: the main rank watches the directory and broadcasts what it
+    saw, both ranks read each file, the balancer splits each step. Same run as one process within
+    1e-9 relative (summation order only, as test_train's two-process tests), published by rank 0."""
+    ref_tmp, _, _ = online_reference
+    stream = tmp_path / "dp2" / "stream"
+    for n in range(1, FILES + 1):
+        write_file(stream, n)
+    cli(
+        "train",
+        "--config",
+        small_config(tmp_path),
+        *online_overrides(tmp_path, "dp2"),
+        torchrun=True,
+        timeout=300,
+    )
+    run, ref = tmp_path / "dp2" / "run", ref_tmp / "ref" / "run"
+    ours, theirs = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
+    assert [m["rollout_file"] for m in ours] == [1, 1, 2, 2, 3, 3]
+    for a, b in zip(ours, theirs, strict=True):
+        for key in set(EXACT_KEYS) - {"computed_tokens"}:  # ranks recompute prefixes they share
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
+    ref_w = final_weights(ref)
+    published = read_hf_dir(stream / "weights" / LATEST)[1]
+    for name, t in final_weights(run).items():
+        assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
+        assert torch.equal(published[name], t), name

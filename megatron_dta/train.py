@@ -1,10 +1,11 @@
 """The training loop and its siblings (forward-only log-probs, HF export, the demo).
 
-``train`` reads top to bottom: parallel layout, model, data, loss, engine, optimizer, checkpoints,
-then one ``train_step`` per optimizer update. A step draws the same global batch on every rank,
-prepares it as a whole (GRPO group statistics), lets the balancer give each data-parallel rank its
-microbatches, normalizes the loss by the all-reduced global denominator, runs the engine on each
-microbatch (gradients accumulate), and lets the optimizer sum gradients over DP, clip and step.
+``train`` is ``trainer.Trainer`` (parallel layout, model, loss, engine, optimizer, checkpoints) and
+its ``run`` loop, one ``train_step`` per optimizer update; this module keeps the step. A step draws
+the same global batch on every rank, prepares it as a whole (GRPO group statistics), lets the
+balancer give each data-parallel rank its microbatches, normalizes the loss by the all-reduced
+global denominator, runs the engine on each microbatch (gradients accumulate), and lets the
+optimizer sum gradients over DP, clip and step.
 """
 
 from __future__ import annotations

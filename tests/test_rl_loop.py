@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -22,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import EXACT_KEYS, PY, ROOT, cli, exact, one_line_error, same_threads_env, small_config
+from test_train import (
+    EXACT_KEYS,
+    PY,
+    ROOT,
+    cli,
+    exact,
+    kill_after_checkpoint,
+    one_line_error,
+    small_config,
+)
 
 from megatron_dta import Trainer
 from megatron_dta.checkpoint import latest_complete, step_dir, step_of
@@ -243,25 +251,11 @@ def test_killed_online_run_resumes_at_the_right_file(online_reference, tmp_path)
     config = small_config(tmp_path)
     overrides = online_overrides(tmp_path, "kill")
     run = tmp_path / "kill" / "run"
-    cmd = [PY, "-m", "megatron_dta", "train", "--config", str(config), *overrides]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads_env()
-    )
-    deadline = time.monotonic() + 300  # generous: a busy 2-core machine slows the subprocess a lot
-    try:
-        while latest_complete(run) is None or step_of(latest_complete(run)) < 3:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint of step 3 within the deadline"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert 3 <= step_of(latest_complete(run)) <= 4
+    assert 3 <= kill_after_checkpoint(["--config", config, *overrides], run, 3) <= 4
     write_file(stream, 3)
     history = train(Config.from_yaml(config, overrides), resume=True)
     assert [m["rollout_file"] for m in history] == [2, 2, 3, 3][-len(history) :]
     assert_same_run(run, ref_tmp / "ref" / "run")
-    assert set(EXACT_KEYS) <= set(history[-1])
 
 
 def test_toy_rl_example_runs_and_writes_its_records(tmp_path):

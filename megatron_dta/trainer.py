@@ -85,9 +85,8 @@ class Trainer:
         return self._train(TrainData(whole, self.vocab_size, self._batch(rollouts)))
 
     def _train(self, data: TrainData) -> dict:
-        cfg = self.cfg
         metrics = train_step(
-            self.steps_done, cfg, self.layout, data, self.loss_fn, self.engine, self.optimizer
+            self.steps_done, self.cfg, self.layout, data, self.loss_fn, self.engine, self.optimizer
         )
         self.steps_done += 1
         return metrics
@@ -167,8 +166,7 @@ class Trainer:
                 history.append(metrics)
                 if self.checkpointer.due(self.steps_done):
                     self.save()
-            if self.steps_done and self._saved_step != self.steps_done:  # stopped early (STOP)
-                self.save()
+            self._save_if_unsaved()  # stopped before train.steps (STOP)
         finally:
             log.close()
         return history
@@ -178,9 +176,12 @@ class Trainer:
             return self._source.next_data()
         except ValueError:
             # a malformed file or a time-out: keep what was trained so far, then refuse
-            if self.steps_done and self._saved_step != self.steps_done:
-                self.save()
+            self._save_if_unsaved()
             raise
+
+    def _save_if_unsaved(self) -> None:
+        if self.steps_done and self._saved_step != self.steps_done:
+            self.save()
 
     def publish(self, publisher: WeightPublisher) -> None:
         tensors = self.hf_state_dict()

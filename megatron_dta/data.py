@@ -60,6 +60,27 @@ class DataConfig:
         default=None,
         metadata={"help": "balancer cost model JSON from tools/calibrate.py; null: built-in defaults"},
     )
+    follow: bool = field(
+        default=False,
+        metadata={
+            "help": "online mode (docs/rl_loop.md): data.rollouts is a directory a producer fills with "
+            "step_000001.jsonl, step_000002.jsonl, ...; weights are published after every step"
+        },
+    )
+    epochs_per_file: int = field(
+        default=1, metadata={"help": "online mode: PPO passes over each file (each pass: its steps)"}
+    )
+    follow_timeout: float = field(
+        default=600.0, metadata={"help": "online mode: seconds to wait for the next file before giving up"}
+    )
+    publish_dir: str | None = field(
+        default=None,
+        metadata={"help": "online mode: HF weights published here after every step; null: RUN_DIR/weights"},
+    )
+    publish_keep: int = field(
+        default=2,
+        metadata={"help": "online mode: published checkpoints kept (`latest` points at the newest)"},
+    )
 
     def __post_init__(self):
         if (self.rollouts is None) == (self.workload is None):
@@ -79,6 +100,17 @@ class DataConfig:
             raise ConfigError(
                 f"data.microbatch_tokens must be >= 1 or null (no limit), got {self.microbatch_tokens}"
             )
+        if self.follow and self.rollouts is None:
+            raise ConfigError(
+                "data.follow=true needs data.rollouts: the directory the producer writes "
+                "step_000001.jsonl, step_000002.jsonl, ... into (and data.workload=null)"
+            )
+        if self.epochs_per_file < 1:
+            raise ConfigError(f"data.epochs_per_file must be >= 1, got {self.epochs_per_file}")
+        if not self.follow_timeout > 0:
+            raise ConfigError(f"data.follow_timeout must be > 0 seconds, got {self.follow_timeout}")
+        if self.publish_keep < 1:
+            raise ConfigError(f"data.publish_keep must be >= 1, got {self.publish_keep}")
         if self.cost_model is not None and not Path(self.cost_model).is_file():
             raise ConfigError(
                 f"data.cost_model '{self.cost_model}' is not a file: write one with "
@@ -112,11 +144,12 @@ def load_dataset(cfg: DataConfig, vocab_size: int) -> list[Rollout]:
 
 
 class TrainData:
-    """The rollout set, its sampler and the old log-probs filled in so far."""
+    """The rollout set, its sampler and the old log-probs filled in so far. ``rollouts``, when
+    given, replaces the configured data set (one online file, or one ``Trainer.step`` batch)."""
 
-    def __init__(self, cfg: DataConfig, vocab_size: int):
+    def __init__(self, cfg: DataConfig, vocab_size: int, rollouts: list[Rollout] | None = None):
         self.cfg = cfg
-        self.rollouts = load_dataset(cfg, vocab_size)
+        self.rollouts = load_dataset(cfg, vocab_size) if rollouts is None else list(rollouts)
         self.sampler = TreeSampler(self.rollouts, cfg.rollouts_per_step or len(self.rollouts), cfg.seed)
         self.steps = iter(self.sampler)
         self.filled: dict[int, np.ndarray] = {}
@@ -124,6 +157,11 @@ class TrainData:
     def next_indices(self) -> list[int]:
         """Rollout indices (ascending) of the next step's global batch."""
         return next(self.steps)
+
+    def passes_done(self) -> int:
+        """Whole passes (epochs) over the rollouts that the steps drawn so far complete."""
+        s = self.sampler
+        return s.epoch + (s.position == len(s.steps_of_epoch(s.epoch)))
 
     def missing_old_logprobs(self, idx: list[int]) -> list[int]:
         if not self.cfg.fill_old_logprobs:

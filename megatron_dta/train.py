@@ -1,10 +1,11 @@
 """The training loop and its siblings (forward-only log-probs, HF export, the demo).
 
-``train`` reads top to bottom: parallel layout, model, data, loss, engine, optimizer, checkpoints,
-then one ``train_step`` per optimizer update. A step draws the same global batch on every rank,
-prepares it as a whole (GRPO group statistics), lets the balancer give each data-parallel rank its
-microbatches, normalizes the loss by the all-reduced global denominator, runs the engine on each
-microbatch (gradients accumulate), and lets the optimizer sum gradients over DP, clip and step.
+``train`` is ``trainer.Trainer`` (parallel layout, model, loss, engine, optimizer, checkpoints) and
+its ``run`` loop, one ``train_step`` per optimizer update; this module keeps the step. A step draws
+the same global batch on every rank, prepares it as a whole (GRPO group statistics), lets the
+balancer give each data-parallel rank its microbatches, normalizes the loss by the all-reduced
+global denominator, runs the engine on each microbatch (gradients accumulate), and lets the
+optimizer sum gradients over DP, clip and step.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import torch.distributed as dist
 import yaml
 
 from megatron_dta.balancer import balance
-from megatron_dta.checkpoint import COMPLETE, Checkpointer, complete_checkpoints, latest_complete, step_dir
+from megatron_dta.checkpoint import COMPLETE, complete_checkpoints, latest_complete, step_dir
 from megatron_dta.config import Config
 from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine, StepResult
 from megatron_dta.errors import CheckpointError
 from megatron_dta.losses import PolicyLoss
-from megatron_dta.metrics import MetricsLog, peak_memory_bytes, read_metrics
+from megatron_dta.metrics import peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
-from megatron_dta.optim import build_optimizer, lr_at
+from megatron_dta.optim import lr_at
 from megatron_dta.parallel import (
     ParallelLayout,
     all_reduce_over,
@@ -227,39 +228,20 @@ def save_config(cfg: Config, run_dir: Path) -> None:
 
 
 def train(cfg: Config, resume: bool = False) -> list[dict]:
-    """Run the configured steps; returns this run's per-step metrics (on every rank)."""
-    layout = create_layout(cfg)
+    """Run the configured steps (or follow a rollout directory, ``data.follow``); returns this run's
+    per-step metrics (on every rank). The loop is ``Trainer.run``: the CLI uses the Python API."""
+    from megatron_dta.trainer import Trainer  # trainer.py builds on this module's step and setup
+
     run_dir = Path(cfg.checkpoint.run_dir)
     if not resume and complete_checkpoints(run_dir):
         raise CheckpointError(
             f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
             "that run, or set checkpoint.run_dir to a new directory"
         )
-    model = build_model(cfg, layout)
-    data = TrainData(cfg.data, model.cfg.vocab_size)
-    loss_fn = PolicyLoss(cfg.loss)
-    engine = Engine(model, cfg.engine, layout.device)
-    optimizer = build_optimizer(model, cfg.optimizer, layout)
-    checkpointer = Checkpointer(cfg.checkpoint, layout, cfg.train.steps, cfg.train.dtype)
-
-    start = 0
-    latest = latest_complete(run_dir) if resume else None
-    if latest is not None:
-        state = checkpointer.load(latest, model, optimizer)
-        data.load_state_dict(state["data"])
-        start = state["step"]
-    if layout.is_main:
-        save_config(cfg, run_dir)
-    log = MetricsLog(cfg.logging, run_dir, cfg.train.steps, start, layout.is_main)
-    history = []
-    for step in range(start, cfg.train.steps):
-        metrics = train_step(step, cfg, layout, data, loss_fn, engine, optimizer)
-        log.write(metrics)
-        history.append(metrics)
-        if checkpointer.due(step + 1):
-            checkpointer.save(step + 1, model, optimizer, {"data": data.state_dict()})
-    log.close()
-    return history
+    trainer = Trainer(cfg)
+    if resume:
+        trainer.load()
+    return trainer.run()
 
 
 def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:

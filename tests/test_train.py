@@ -256,34 +256,36 @@ def test_deepspeed_zero2_dp2_equals_torch_dp1(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def kill_after_checkpoint(train_args: list, run_dir: Path, step: int) -> int:
+    """Start ``megatron-dta train TRAIN_ARGS`` and SIGKILL it once a checkpoint of ``step`` or later
+    is complete in ``run_dir``; returns the newest complete checkpoint's step."""
+    proc = subprocess.Popen(
+        [PY, "-m", "megatron_dta", "train", *map(str, train_args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=same_threads_env(),
+    )
+    deadline = time.monotonic() + 300  # generous: a busy 2-core machine slows the subprocess a lot
+    try:
+        while latest_complete(run_dir) is None or step_of(latest_complete(run_dir)) < step:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"no checkpoint of step {step} within the deadline"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return step_of(latest_complete(run_dir))
+
+
 def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
     """Kill a run (SIGKILL) after a checkpoint landed, resume from the newest complete one: the
     metrics are exactly those of the uninterrupted run (same CPU, same float64 ops)."""
     _, run = reference
     out = tmp_path / "run"
-    cmd = [
-        PY,
-        "-m",
-        "megatron_dta",
-        "train",
-        "--config",
-        str(small_config(tmp_path)),
-        f"checkpoint.run_dir={out}",
-        "checkpoint.every=1",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=same_threads_env()
+    killed_at = kill_after_checkpoint(
+        ["--config", small_config(tmp_path), f"checkpoint.run_dir={out}", "checkpoint.every=1"], out, 2
     )
-    deadline = time.monotonic() + 300  # generous: a busy 2-core machine slows the subprocess a lot
-    try:
-        while latest_complete(out) is None or step_of(latest_complete(out)) < 2:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint of step 2 within the deadline"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = step_of(latest_complete(out))
     assert 2 <= killed_at < STEPS, f"killed at step {killed_at}"
     cli("train", "--config", small_config(tmp_path), f"checkpoint.run_dir={out}", "--resume")
     assert exact(read_metrics(out / "metrics.jsonl")) == exact(read_metrics(run / "metrics.jsonl"))

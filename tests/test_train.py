@@ -233,8 +233,10 @@ def test_pp2_with_tied_embeddings_equals_one_process(tmp_path):
 
 def test_deepspeed_zero2_dp2_equals_torch_dp1(tmp_path):
     """DeepSpeed ZeRO-2 (CPU, gloo, 2 ranks) against plain AdamW in one process, float32 (DeepSpeed
-    keeps float32 master weights). Tolerance 1e-4 relative: float32 runs in a different reduction
-    order differ by ~1e-7 per step; six Adam steps keep that far below 1e-4."""
+    keeps float32 master weights). Tolerance 1e-3 relative: float32 runs in a different reduction
+    order differ by ~1e-7 per step, and AdamW's per-element normalisation turns that into O(lr) weight
+    differences where a gradient element is near zero: the step-6 loss differed by 1.03e-4 when the
+    reference ran with one thread instead of two. A wrong ZeRO reduction is off by O(1)."""
     cfg = small_config(tmp_path, train__dtype="float32")
     train(Config.from_yaml(cfg, [f"checkpoint.run_dir={tmp_path / 'torch'}"]))
     cli(
@@ -252,8 +254,8 @@ def test_deepspeed_zero2_dp2_equals_torch_dp1(tmp_path):
         read_metrics(tmp_path / "torch" / "metrics.jsonl"),
     )
     for a, b in zip(ours, ref, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
 def kill_after_checkpoint(train_args: list, run_dir: Path, step: int) -> int:

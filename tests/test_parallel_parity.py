@@ -72,6 +72,7 @@ def load(path):
     return torch.load(path, weights_only=False)
 
 
+@pytest.mark.slow
 def test_dump_matches_hf_and_tp2_dp2_match_tp1(setup):
     tmp, hf, rollouts = setup
     ref = load(dump(tmp, "dta_tp1", "--mode", "dta", "--block-size", "4"))

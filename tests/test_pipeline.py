@@ -105,6 +105,7 @@ def assert_equal(got, want):
     assert compare(got, want, SAME_OPS_FLOAT64) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_pp2_equals_pp1_with_chunked_nodes_and_microbatches(setup, kind):
     ref = dump(setup, kind, "pp1", "--block-size", "4")
@@ -115,6 +116,7 @@ def test_pp2_equals_pp1_with_chunked_nodes_and_microbatches(setup, kind):
         assert_equal(dump(setup, kind, "tp2pp2", "--block-size", "4", "--pp", "2", "--tp", "2", nproc=4), ref)
 
 
+@pytest.mark.slow
 def test_pp2_with_recompute_on_generator_forests(setup):
     """Budget 0: every parent unit is recomputed from its saved input hidden on each stage; all
     three microbatches in flight at once, their events interleaved on both stages."""
@@ -170,6 +172,7 @@ if model.is_last:
 """
 
 
+@pytest.mark.slow
 def test_schedule_api_forward_only_and_accumulation_equal_pp1(setup):
     """Called directly: the logprob pass leaves no grads and gives the single-process logprobs;
     two calls accumulate the grads of one (the tied embedding summed once per call)."""

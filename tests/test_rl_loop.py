@@ -240,6 +240,7 @@ def test_malformed_file_is_refused_and_the_run_resumes_at_it(online_reference, t
     assert_same_run(run, ref_tmp / "ref" / "run")
 
 
+@pytest.mark.slow
 def test_killed_online_run_resumes_at_the_right_file(online_reference, tmp_path):
     """SIGKILL an online run (CLI) once it checkpointed step 3 (mid-way through file 2's passes;
     file 3 is not there yet, so it cannot finish); resume: same metrics and weights as the
@@ -258,6 +259,7 @@ def test_killed_online_run_resumes_at_the_right_file(online_reference, tmp_path)
     assert_same_run(run, ref_tmp / "ref" / "run")
 
 
+@pytest.mark.slow
 def test_toy_rl_example_runs_and_writes_its_records(tmp_path):
     """examples/toy_rl.py end to end at a tiny size (two iterations): one record per iteration with
     the documented keys, a shared prefix tree (sharing > 1), both timings measured, and the plot.

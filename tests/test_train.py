@@ -170,6 +170,7 @@ def test_same_seed_same_metrics(reference, tmp_path):
         assert torch.equal(t, final_weights(run)[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["dp2", "tp2", "pp2"])
 def test_two_processes_equal_one(reference, tmp_path, parallel):
     """DP=2: each rank trains on its share of the same global batch, loss normalized by the
@@ -202,6 +203,7 @@ def test_two_processes_equal_one(reference, tmp_path, parallel):
         assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
 
 
+@pytest.mark.slow
 def test_pp2_with_tied_embeddings_equals_one_process(tmp_path):
     """Tied embeddings split over the first and last stage: their grads are summed across stages
     and counted once in the clipping norm, so both copies take the same updates and the run (and
@@ -231,6 +233,7 @@ def test_pp2_with_tied_embeddings_equals_one_process(tmp_path):
         assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_dp2_equals_torch_dp1(tmp_path):
     """DeepSpeed ZeRO-2 (CPU, gloo, 2 ranks) against plain AdamW in one process, float32 (DeepSpeed
     keeps float32 master weights). Tolerance 1e-3 relative: float32 runs in a different reduction
@@ -280,6 +283,7 @@ def kill_after_checkpoint(train_args: list, run_dir: Path, step: int) -> int:
     return step_of(latest_complete(run_dir))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
     """Kill a run (SIGKILL) after a checkpoint landed, resume from the newest complete one: the
     metrics are exactly those of the uninterrupted run (same CPU, same float64 ops)."""
@@ -295,6 +299,7 @@ def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
         assert torch.equal(t, final_weights(run)[name]), name
 
 
+@pytest.mark.slow
 def test_pp2_resume_repeats_the_run(tmp_path):
     """A PP=2 run resumed from its step-2 checkpoint (each stage reloads its own layers and its
     optimizer file) repeats the uninterrupted run's later steps and weights bit for bit."""
@@ -343,7 +348,7 @@ def test_export_loads_in_transformers_with_our_logits(reference, tmp_path, singl
         export(str(run), str(tmp_path / "nope"), step=3)
 
 
-@pytest.mark.parametrize("pp", [1, 2])
+@pytest.mark.parametrize("pp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_logprobs_command_writes_rollout_layout(tmp_path, pp):
     """pp=2: the forward-only pass through the DFS pipeline schedule (two microbatches, results
     from the last stage, written by rank 0) gives the same float64 values."""

@@ -25,6 +25,8 @@ FIXES = {
     "weights": "raise parallel.tp or parallel.pp",
     "grads": "raise parallel.tp or parallel.pp, or use optimizer.backend=deepspeed optimizer.zero_stage=2",
     "optimizer": "use optimizer.backend=megatron (distributed optimizer) or raise parallel.dp (more GPUs)",
+    "optimizer_sharded": "raise parallel.dp (more GPUs: the distributed optimizer shards over them), "
+    "parallel.tp or parallel.pp",
     "activations": "lower engine.activation_budget_tokens, data.microbatch_tokens or engine.block_size",
     "kv_stacks": "raise parallel.tp or parallel.pp (the K/V stacks hold the longest path of every layer)",
 }
@@ -106,6 +108,7 @@ def plan(cfg, world_size: int, hw: HardwareProfile, workload: Workload | None = 
             "vocab_size": mcfg.vocab_size,
         },
         "mode": cfg.engine.mode,
+        "optimizer_backend": cfg.optimizer.backend,
         "parameters_total": sum(s.parameters for s in shapes.values()),
         "ranks": main["_ranks"],
         "fits": main["fits"],
@@ -143,9 +146,12 @@ def check_fits(report: dict) -> None:
         mem = r["memory_bytes"]
         if mem["total"] > limit:
             term = max(TERMS, key=lambda k: mem[k])
+            fix = FIXES[term]
+            if term == "optimizer" and report["optimizer_backend"] != "torch":
+                fix = FIXES["optimizer_sharded"]
             raise ValueError(
                 f"rank {r['rank']}: {mem['total'] / GIB:.1f} GiB of {limit / GIB:.1f} GiB, largest term "
-                f"{term} {mem[term] / GIB:.1f} GiB: {FIXES[term]} (--allow-oom reports anyway)"
+                f"{term} {mem[term] / GIB:.1f} GiB: {fix} (--allow-oom reports anyway)"
             )
 
 

@@ -9,8 +9,9 @@ adds the tensor-parallel all-reduces and pipeline sends of that event, runs the 
 schedule (``pipeline.dfs_schedule``) over the microbatches for the bubble and the in-flight
 activation peak, and adds the data-parallel gradient reduction and the optimizer step.
 
-Legend: E events of a microbatch; per event ``tokens`` T, ``pairs`` (query, key) pairs of causal
-path attention (a token at position p sees p + 1 keys in every mode), ``prefix`` ancestor positions
+Legend: E events of a microbatch; per event ``tokens`` T, ``pairs`` (query, key) pairs attention
+computes (dta, dense: a token at position p sees its path's p + 1 keys; sparse: the packed unit's
+causal triangle), ``prefix`` ancestor positions
 read from the K/V stack, ``head`` LM-head rows (log-probs computed).
 """
 
@@ -62,7 +63,9 @@ def summarize(plan, budget: int) -> Events:
             kept -= T
         else:
             peak = max(peak, kept + T)
-        pairs = int(unit.position_ids.sum()) + T
+        # a token at position p attends to its path's p + 1 keys; a packed tree-mask unit (sparse)
+        # costs its kernel the causal triangle of the packing, most of which the mask discards
+        pairs = T * (T + 1) // 2 if plan.mode == "sparse" else int(unit.position_ids.sum()) + T
         rows.append(
             (backward, backward and not keep[id(unit)], T, pairs, unit.prefix_len, len(unit.pair_target))
         )
@@ -141,6 +144,11 @@ def _work(ev: Events, s: RankShape):
     fwd = np.stack([lin, attn, mem, calls])
     bwd = fwd * np.array([2.0, 2.5, 2.0, 1.0])[:, None] + fwd * ev.recompute
     return np.where(ev.backward, bwd, fwd)
+
+
+def work(ev: Events, s: RankShape) -> np.ndarray:
+    """[4] total work of a microbatch on stage ``s``, in the order ``HardwareProfile.seconds`` takes."""
+    return _work(ev, s).sum(axis=1)
 
 
 def _ring(size: float, n: int) -> float:
@@ -231,14 +239,17 @@ def predict(
         tp_bytes[d] = max((sum(c.tp_bytes for c in stage) for stage in costs), default=0.0)
         pp_bytes[d] = max((sum(c.pp_bytes for c in stage) for stage in costs), default=0.0)
         busy = [sum(float(c.seconds.sum()) for c in stage) for stage in costs]
-        kept = [max((ev.peak_path_tokens for ev in micro), default=0)] * pp
         runs = [min(1, len(micro))] * pp
         bubble = 0.0
         if pp > 1 and micro:
             sched = dfs_schedule(
                 [list(zip(ev.backward.tolist(), ev.tokens.tolist())) for ev in micro], pp, layout.in_flight
             )
-            bubble, kept, runs = sched.bubble, sched.peak_kept_tokens, sched.peak_in_flight
+            bubble, runs = sched.bubble, sched.peak_in_flight
+        # each run in flight on a stage holds at most its own path's peak (the executor's budget
+        # applies per run); the schedule's kept-token count ignores the budget's recomputation
+        path_peak = max((ev.peak_path_tokens for ev in micro), default=0)
+        kept = [runs[p] * path_peak for p in range(pp)]
         bubbles.append(bubble)
         compute.append(max(busy) / (1.0 - bubble) if busy else 0.0)
         max_path = max((ev.max_path for ev in micro), default=0)

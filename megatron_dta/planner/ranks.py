@@ -23,7 +23,7 @@ from megatron_dta.model.config import ModelConfig
 from megatron_dta.model.transformer import Transformer
 from megatron_dta.parallel import ParallelLayout
 
-PROBE_TOKENS = 256  # the activation probe's row lengths are T and 2T: their difference is per token
+PROBE_TOKENS = 64  # the activation probe's row lengths are T and 2T: their difference is per token
 
 
 @dataclass
@@ -123,7 +123,8 @@ def _saved_bytes(model: Transformer, tokens: int) -> int:
     return sum(size for _, size in seen.values())
 
 
-def _shape_of(model: Transformer, cfg: ModelConfig, layout: ParallelLayout) -> RankShape:
+def _shape_of(model: Transformer, cfg: ModelConfig, layout: ParallelLayout, act: float | None) -> RankShape:
+    """``act``: the activation bytes per token of another TP rank of the stage (the same local shapes)."""
     H = cfg.hidden_size
     head = model.output_weight() if model.is_last else None
     tied_copy = cfg.tie_embeddings and model.is_last and not model.is_first
@@ -158,8 +159,9 @@ def _shape_of(model: Transformer, cfg: ModelConfig, layout: ParallelLayout) -> R
         kv_heads=layer.k_local,
         head_dim=layer.d,
         ffn=layer.down.weight.shape[1],
-        activation_bytes_per_token=(_saved_bytes(model, 2 * PROBE_TOKENS) - _saved_bytes(model, PROBE_TOKENS))
-        / PROBE_TOKENS,
+        activation_bytes_per_token=act
+        if act is not None
+        else (_saved_bytes(model, 2 * PROBE_TOKENS) - _saved_bytes(model, PROBE_TOKENS)) / PROBE_TOKENS,
         kv_stack_bytes_per_position=sum(t.numel() * t.element_size() for group in stacks for t in group),
     )
 
@@ -182,5 +184,7 @@ def rank_shapes(
                 assert (layout.tp_rank, layout.pp_rank, layout.dp_rank) == (tp_rank, pp_rank, 0), "rank order"
                 with torch.device("meta"):
                     model = Transformer(cfg, tp=tp, dtype=dtype, device="meta", stage=(pp_rank, pp))
-                shapes[tp_rank, pp_rank] = _shape_of(model, cfg, layout)
+                first = shapes.get((0, pp_rank))
+                act = None if first is None else first.activation_bytes_per_token
+                shapes[tp_rank, pp_rank] = _shape_of(model, cfg, layout, act)
     return shapes

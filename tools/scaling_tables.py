@@ -1,6 +1,6 @@
 """Predicted strong and weak scaling of Qwen3-8B / Qwen3-32B on the agentic workload (docs/scaling.md).
 
-    python tools/scaling_tables.py [--sizes 8 64 256 1024] [--gpu h100] --json docs/scaling.json
+    python tools/scaling_tables.py [--sizes 8 64 1024] [--gpu h100] --json docs/scaling.json
         --plot docs/scaling.png
 
 For every size and candidate layout it calls the planner (``megatron_dta.planner.plan``, the code
@@ -21,12 +21,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # model: (config, [(tp, pp, optimizer backend)])
-    "qwen3-8b": ("configs/qwen3_8b_64gpu.yaml", [(4, 1, "megatron"), (8, 1, "megatron"), (4, 2, "torch")]),
-    "qwen3-32b": ("configs/qwen3_32b_64gpu.yaml", [(8, 1, "megatron"), (8, 2, "torch"), (8, 4, "torch")]),
+    "qwen3-8b": ("configs/qwen3_8b_64gpu.yaml", [(4, 1, "megatron"), (8, 1, "megatron")]),
+    "qwen3-32b": ("configs/qwen3_32b_64gpu.yaml", [(8, 1, "megatron"), (8, 2, "torch")]),
 }
 
 
-def study(sizes, gpu: str, strong_tasks: int, gpus_per_task: int) -> list[dict]:
+def study(sizes, gpu: str, strong_tasks: int, gpus_per_task: int, out: Path) -> list[dict]:
+    """Every (kind, size, model, layout) planned; ``out`` is rewritten after each, so a long study
+    that is stopped keeps what it did."""
     from megatron_dta.config import Config
     from megatron_dta.planner import load_profile, plan, workload_of
 
@@ -70,6 +72,7 @@ def study(sizes, gpu: str, strong_tasks: int, gpus_per_task: int) -> list[dict]:
                         "plan_seconds": time.perf_counter() - t0,
                     }
                     rows.append(row)
+                    out.write_text(json.dumps(rows, indent=1) + "\n")
                     print(
                         f"{kind} {model} {world} GPUs tp{tp} pp{pp} dp{r['layout']['dp']}: "
                         f"{r['tokens_per_second']:,.0f} tok/s, MFU {r['mfu']:.3f}, "
@@ -126,17 +129,53 @@ def best_rows(rows: list[dict], kind: str, model: str) -> list[dict]:
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """Per scaling kind and model, the best dta layout per size next to the baselines."""
+    gib = 2**30
+    out = []
+    for kind in ("strong", "weak"):
+        for model in MODELS:
+            out += [
+                f"**{kind} scaling, {model}** (predicted; * = does not fit in 80 GiB)",
+                "",
+                "| GPUs | tasks | layout | step s | dta tok/s | MFU | GiB | sparse tok/s | GiB "
+                "| dense tok/s | GiB | bubble | imbalance | TP / DP GiB per rank |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            ]
+            for r in best_rows(rows, kind, model):
+                lay, d, sp, de = r["layout"], r["dta"], r["sparse"], r["dense"]
+                mark = {m: "" if r[m]["fits"] else "*" for m in ("dta", "sparse", "dense")}
+                comm = d["communication_bytes"]
+                out.append(
+                    f"| {r['gpus']} | {r['tasks']} | tp{lay['tp']} pp{lay['pp']} dp{lay['dp']} "
+                    f"| {d['step_seconds']:.2f} | {d['tokens_per_second']:,.0f} | {d['mfu']:.3f} "
+                    f"| {d['peak_memory_bytes'] / gib:.0f}{mark['dta']} "
+                    f"| {sp['tokens_per_second']:,.0f} | {sp['peak_memory_bytes'] / gib:.0f}{mark['sparse']} "
+                    f"| {de['tokens_per_second']:,.0f} | {de['peak_memory_bytes'] / gib:.0f}{mark['dense']} "
+                    f"| {d['bubble']:.3f} | {d['imbalance']:.2f} "
+                    f"| {comm['tp'] / gib:.0f} / {comm['dp'] / gib:.1f} |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 256, 1024])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 1024])
     ap.add_argument("--gpu", default="h100")
-    ap.add_argument("--strong-tasks", type=int, default=16)
-    ap.add_argument("--gpus-per-task", type=int, default=64)
+    ap.add_argument("--strong-tasks", type=int, default=8)
+    ap.add_argument("--gpus-per-task", type=int, default=128)
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot")
+    ap.add_argument(
+        "--tables-from", metavar="JSON", help="print the markdown tables of an earlier --json and exit"
+    )
     args = ap.parse_args(argv)
-    rows = study(args.sizes, args.gpu, args.strong_tasks, args.gpus_per_task)
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.tables_from:
+        print(markdown(json.loads(Path(args.tables_from).read_text())))
+        return 0
+    rows = study(args.sizes, args.gpu, args.strong_tasks, args.gpus_per_task, Path(args.json))
+    print(markdown(rows))
     if args.plot:
         plot(rows, args.plot)
     return 0

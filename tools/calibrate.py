@@ -53,10 +53,11 @@ def main(argv=None) -> int:
         from megatron_dta.planner.cost import summarize, work
         from megatron_dta.planner.ranks import rank_shapes
 
-        baseline_rss = peak_rss_bytes()
         shape = rank_shapes(cfg, 1, 1, 1, dtype)[0, 0]
         works = []
     ParallelLayout.create(device=device)
+    if args.profile_out:  # a training process holds this much before its model: imports, process groups
+        baseline_rss = peak_rss_bytes()
     model = Transformer(cfg, dtype=dtype, device=device)
     engine = Engine(model, EngineConfig(mode="dta"), device=device)
     rng = np.random.default_rng(args.seed)

@@ -165,15 +165,20 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default="h100")
     ap.add_argument("--strong-tasks", type=int, default=8)
     ap.add_argument("--gpus-per-task", type=int, default=128)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", help="where the study's rows go")
     ap.add_argument("--plot")
     ap.add_argument(
         "--tables-from", metavar="JSON", help="print the markdown tables of an earlier --json and exit"
     )
     args = ap.parse_args(argv)
-    if args.tables_from:
-        print(markdown(json.loads(Path(args.tables_from).read_text())))
+    if args.tables_from:  # tables and plot of an earlier (or a stopped) study
+        rows = json.loads(Path(args.tables_from).read_text())
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
         return 0
+    if not args.json:
+        ap.error("--json is required (or --tables-from)")
     rows = study(args.sizes, args.gpu, args.strong_tasks, args.gpus_per_task, Path(args.json))
     print(markdown(rows))
     if args.plot:

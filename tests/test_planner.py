@@ -106,11 +106,14 @@ def test_parameters_over_ranks_equal_hf_model(planned):
         cfg = PADDED if name == "padded" else preset(name)
         assert positions == tp * pp
         assert owned == hf_parameter_count(cfg), (name, tp, pp)
-        # the ranks allocate more by exactly megatron's vocab padding and the tied copy
-        padded_vocab = -(-cfg.vocab_size // tp) * tp
+        # the ranks allocate more by exactly megatron's vocab padding, the tied copy and the
+        # norms every TP rank holds (two per layer, q/k per-head norms, the final one)
+        H, padded_vocab = cfg.hidden_size, -(-cfg.vocab_size // tp) * tp
         tables = 1 if cfg.tie_embeddings and pp == 1 else 2
-        extra = (padded_vocab - cfg.vocab_size) * cfg.hidden_size * tables
-        extra += cfg.vocab_size * cfg.hidden_size * (cfg.tie_embeddings and pp > 1)
+        extra = (padded_vocab - cfg.vocab_size) * H * tables + cfg.vocab_size * H * (
+            cfg.tie_embeddings and pp > 1
+        )
+        extra += (tp - 1) * (cfg.num_layers * (2 * H + 2 * cfg.head_dim * cfg.qk_norm) + H)
         assert allocated == owned + extra, (name, tp, pp)
 
 

@@ -26,7 +26,9 @@ MODELS = {  # model: (config, [(tp, pp, optimizer backend)])
 }
 
 
-def study(sizes, gpu: str, strong_tasks: int, gpus_per_task: int, out: Path) -> list[dict]:
+def study(
+    sizes, gpu: str, strong_tasks: int, gpus_per_task: int, out: Path, kinds=("strong", "weak")
+) -> list[dict]:
     """Every (kind, size, model, layout) planned; ``out`` is rewritten after each, so a long study
     that is stopped keeps what it did."""
     from megatron_dta.config import Config
@@ -35,7 +37,7 @@ def study(sizes, gpu: str, strong_tasks: int, gpus_per_task: int, out: Path) -> 
     hw = load_profile(gpu)
     workloads: dict = {}
     rows = []
-    for kind in ("strong", "weak"):
+    for kind in kinds:
         for world in sizes:
             tasks = strong_tasks if kind == "strong" else max(1, world // gpus_per_task)
             for model, (config, layouts) in MODELS.items():
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus-per-task", type=int, default=128)
     ap.add_argument("--json", help="where the study's rows go")
     ap.add_argument("--plot")
+    ap.add_argument("--kinds", nargs="+", default=["strong", "weak"], choices=["strong", "weak"])
     ap.add_argument(
         "--tables-from", metavar="JSON", help="print the markdown tables of an earlier --json and exit"
     )
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
         return 0
     if not args.json:
         ap.error("--json is required (or --tables-from)")
-    rows = study(args.sizes, args.gpu, args.strong_tasks, args.gpus_per_task, Path(args.json))
+    rows = study(args.sizes, args.gpu, args.strong_tasks, args.gpus_per_task, Path(args.json), args.kinds)
     print(markdown(rows))
     if args.plot:
         plot(rows, args.plot)

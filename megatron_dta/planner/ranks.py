@@ -34,7 +34,8 @@ class RankShape:
     pp_rank: int
     is_first: bool
     is_last: bool
-    parameters: int  # HF parameters this position owns (vocab padding rows and a tied copy excluded)
+    parameters: int  # HF parameters this position owns (not: vocab padding rows, a tied copy, the
+    # replicas of TP-replicated norms on TP ranks > 0)
     allocated: int  # parameter elements it allocates
     dtype_bytes: int
     layers: int  # layers of this stage
@@ -128,8 +129,12 @@ def _shape_of(model: Transformer, cfg: ModelConfig, layout: ParallelLayout, act:
     H = cfg.hidden_size
     head = model.output_weight() if model.is_last else None
     tied_copy = cfg.tie_embeddings and model.is_last and not model.is_first
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
     parameters = 0
     for name, p in model.named_parameters():
+        if not param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
+            continue  # a replicated parameter (the norms): TP rank 0 owns it
         if name.startswith(("embed.", "lm_head.")):
             if name.startswith("lm_head.") and tied_copy:
                 continue  # the embedding's copy on the last stage: the first stage owns it

@@ -93,7 +93,7 @@ def plot(rows: list[dict], out: str) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for i, kind in enumerate(("strong", "weak")):
-        for model, style in (("qwen3-8b", "-"), ("qwen3-32b", "--")):
+        for model, style in (("qwen3-8b", "o-"), ("qwen3-32b", "s--")):
             best = best_rows(rows, kind, model)
             gpus = [r["gpus"] for r in best]
             for mode, color in (("dta", "C0"), ("sparse", "C1"), ("dense", "C2")):

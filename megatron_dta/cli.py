@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from the newest complete checkpoint in checkpoint.run_dir (from scratch if none)",
     )
     t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the job as launched (world size, device memory) with `plan`, then exit: no weight loads",
+    )
+    t.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
     )
 
@@ -100,6 +105,31 @@ def _parser() -> argparse.ArgumentParser:
         help="convert the weights (default: the training dtype)",
     )
 
+    pl = sub.add_parser(
+        "plan",
+        help="memory per rank, step time and communication of a layout, without weights or GPUs",
+        formatter_class=fmt,
+        epilog=CONFIG_HELP,
+        description="Build every rank position of the config's layout at --world-size on the meta device "
+        "(fake process groups), balance and plan the first step's batch, run the pipeline schedule and "
+        "price it on a hardware profile. Prints a table; exits 2 naming the rank and memory term when "
+        "the layout does not fit (docs/scaling.md).",
+    )
+    pl.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)"
+    )
+    pl.add_argument("--world-size", type=int, required=True, metavar="N", help="number of GPUs (processes)")
+    pl.add_argument(
+        "--gpu", default="h100", metavar="h100|h200|cpu|PROFILE.json", help="hardware profile (default: h100)"
+    )
+    pl.add_argument("--json", metavar="OUT.json", help="write the full report here")
+    pl.add_argument(
+        "--allow-oom", action="store_true", help="report a layout that does not fit instead of exit 2"
+    )
+    pl.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
+    )
+
     d = sub.add_parser(
         "demo",
         help="train the tiny CPU demo, then time dta against dense",
@@ -135,8 +165,17 @@ def _run(args) -> int:
     from megatron_dta import train as t
     from megatron_dta.config import Config
 
-    if args.command == "train":
+    if args.command == "train" and args.dry_run:
+        from megatron_dta.planner.command import dry_run
+
+        dry_run(Config.from_yaml(args.config, args.overrides))
+    elif args.command == "train":
         t.train(Config.from_yaml(args.config, args.overrides), resume=args.resume)
+    elif args.command == "plan":
+        from megatron_dta.planner.command import run_plan
+
+        cfg = Config.from_yaml(args.config, args.overrides)
+        run_plan(cfg, args.world_size, args.gpu, args.json, args.allow_oom)
     elif args.command == "logprobs":
         n = t.compute_logprobs(Config.from_yaml(args.config, args.overrides), args.rollouts, args.out)
         if int(os.environ.get("RANK", "0")) == 0:  # the file is written once, by global rank 0

@@ -11,6 +11,7 @@ process without torchrun gets a world of size 1 on a private TCP port.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -63,7 +64,7 @@ class ParallelLayout:
     tp_group: ProcessGroup
     pp_group: ProcessGroup
     dp_group: ProcessGroup
-    embedding_group: ProcessGroup  # first and last stage of this pipeline: a tied embedding's two copies
+    embedding_group: ProcessGroup | None  # first and last stage (else None): a tied embedding's copies
     rank: int  # global
     device: str = "cpu"
     microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
@@ -86,6 +87,12 @@ class ParallelLayout:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        return cls._from_parallel_state(device, microbatches_in_flight)
+
+    @classmethod
+    def _from_parallel_state(cls, device: str, microbatches_in_flight: int | None = None) -> ParallelLayout:
+        from megatron.core import parallel_state as ps
+
         groups = {
             "tp": ps.get_tensor_model_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
@@ -95,7 +102,7 @@ class ParallelLayout:
             **{dim: group.size() for dim, group in groups.items()},
             **{f"{dim}_rank": group.rank() for dim, group in groups.items()},
             **{f"{dim}_group": group for dim, group in groups.items()},
-            embedding_group=ps.get_embedding_group(),
+            embedding_group=ps.get_embedding_group(check_initialized=False),
             rank=dist.get_rank(),
             device=device,
             microbatches_in_flight=microbatches_in_flight,
@@ -119,6 +126,30 @@ class ParallelLayout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@contextlib.contextmanager
+def simulated_rank(rank: int, world: int, tp: int, pp: int):
+    """The layout global rank ``rank`` of ``world`` would build, over torch's fake process groups (no
+    communication, nothing allocated): megatron-core's ``parallel_state`` and the model's layers see
+    the real sizes and ranks. For the planner; a process already running torch.distributed cannot."""
+    from megatron.core import parallel_state as ps
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError(
+            "the planner simulates its own world: run it in a process without torch.distributed"
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+        )
+        yield ParallelLayout._from_parallel_state("meta")
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def shutdown() -> None:

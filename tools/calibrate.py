@@ -6,11 +6,19 @@ Times one DTA forward+backward on each of N sub-batches of varied shape (synthet
 random subsets), fits the CostModel's non-negative coefficients to them (NNLS) and writes the
 model as JSON (point ``--cost-model`` of tools/balance.py, or ``data.cost_model`` in a config,
 at it). Prints each sample's predicted vs measured time and the fit's error.
+
+``--profile-out FILE`` also fits the planner's hardware profile (``megatron-dta plan --gpu FILE``;
+docs/hardware_cpu.json is the one ``--gpu cpu`` reads) to the same timings: the samples' work as the
+planner counts it (``planner.cost.work``: matmul FLOPs, attention FLOPs, memory-bound bytes,
+kernel calls), non-negative least squares on the relative error; plus the process's resident
+memory before any model (the profile's reserved bytes) and, in two spawned gloo processes, the
+bandwidth and latency of an all-reduce (its link speeds).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -24,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=16, help="timed sub-batches")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="cost model JSON to write")
+    ap.add_argument("--profile-out", help="also fit the planner's hardware profile and write it here")
     args = ap.parse_args(argv)
 
     import torch
@@ -38,8 +47,17 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    layout = ParallelLayout.create(device=device)
     cfg = preset(args.model)
+    if args.profile_out:  # the fake world of the planner's rank shapes comes before the real one
+        from megatron_dta.metrics import peak_rss_bytes
+        from megatron_dta.planner.cost import summarize, work
+        from megatron_dta.planner.ranks import rank_shapes
+
+        shape = rank_shapes(cfg, 1, 1, 1, dtype)[0, 0]
+        works = []
+    layout = ParallelLayout.create(device=device)
+    if args.profile_out:  # a training process holds this much before its model: imports, process groups
+        baseline_rss = peak_rss_bytes()
     model = Transformer(cfg, layout, dtype)
     engine = Engine(model, EngineConfig(mode="dta"), device=device)
     rng = np.random.default_rng(args.seed)
@@ -53,6 +71,9 @@ def main(argv=None) -> int:
         ]
     }
     engine.forward_backward(pools["demo"][:4])  # warm-up
+    # On CPU the process's own CPU time: on a shared machine wall time measures the neighbours
+    # (run single-threaded, OMP_NUM_THREADS=1, as the CPU configs train); on GPU wall time.
+    clock = time.process_time if device == "cpu" else time.perf_counter
     feats, secs = [], []
     for i in range(args.samples):
         name = list(pools)[i % len(pools)]
@@ -63,12 +84,14 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         engine.forward_backward(batch)
         if device == "cuda":
             torch.cuda.synchronize()
-        secs.append(time.perf_counter() - t0)
+        secs.append(clock() - t0)
         feats.append(CostModel.features(forest))
+        if args.profile_out:
+            works.append(work(summarize(engine.plan(batch), engine.cfg.activation_budget_tokens), shape))
         print(
             f"[calibrate] {i + 1}/{args.samples} {name}: {len(batch)} rollouts, "
             f"{forest.unique_tokens} unique "
@@ -82,7 +105,78 @@ def main(argv=None) -> int:
     print(f"fit error (rms relative): {err:.3f}; coefficients: {model_fit}")
     model_fit.save(args.out)
     print(f"wrote {args.out}")
+    if args.profile_out:
+        profile = fit_profile(np.array(works), np.array(secs), baseline_rss)
+        profile.save(args.profile_out)
+        print(f"hardware profile (fit error {profile.fit_error:.3f}): {profile}\nwrote {args.profile_out}")
     return 0
+
+
+def fit_profile(works_R4: np.ndarray, seconds_R: np.ndarray, reserved_bytes: int):
+    """The planner's CPU profile: rates fitted to the timed samples, links measured over gloo."""
+    from megatron_dta.balancer import nnls
+    from megatron_dta.planner.hardware import HardwareProfile
+
+    coef = nnls(works_R4 / seconds_R[:, None], np.ones(len(seconds_R)))
+    error = float(np.sqrt(np.mean((works_R4 @ coef / seconds_R - 1) ** 2)))
+    # a zero coefficient (that work did not show in the timings) becomes a rate of 1e30/s
+    lin, attn, mem, call = (max(c, 1e-30) for c in coef)
+    bandwidth, latency = _gloo_link()
+    return HardwareProfile(
+        "cpu",
+        memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        peak_flops=1 / lin,
+        matmul_efficiency=1.0,
+        attention_efficiency=lin / attn,
+        memory_bytes_per_s=1 / mem,
+        call_seconds=float(coef[3]),
+        intra_node_bytes_per_s=bandwidth,
+        inter_node_bytes_per_s=bandwidth,
+        collective_latency_s=latency,
+        devices_per_node=os.cpu_count() or 1,
+        reserved_bytes=float(reserved_bytes),
+        attention_scores_materialized=True,  # CPU sdpa writes the [T, P + T] scores
+        fit_error=error,
+    )
+
+
+def _gloo_worker(rank: int, port: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    big, small = torch.ones(4 << 20), torch.ones(1)  # 16 MiB and 4 bytes of float32
+    times = {}
+    for name, t, reps in (("big", big, 5), ("small", small, 50)):
+        dist.all_reduce(t)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(t)
+        times[name] = (time.perf_counter() - t0) / reps
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()
+
+
+def _gloo_link() -> tuple[float, float]:
+    """(bytes/s a rank sends, seconds per collective) of a two-process gloo all-reduce on this host."""
+    import torch.multiprocessing as mp
+
+    from megatron_dta.parallel import _free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    times = queue.get(timeout=600)
+    for p in procs:
+        p.join()
+    latency = times["small"]
+    # a ring all-reduce over 2 ranks sends the whole buffer once: 2 (n - 1) / n = 1
+    return (16 << 20) / max(times["big"] - latency, 1e-9), latency
 
 
 if __name__ == "__main__":

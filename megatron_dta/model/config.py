@@ -94,6 +94,13 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=True,
         rope_theta=1e6,
     ),
+    # the planner's real sizes (megatron-dta plan, docs/scaling.md): the HF Qwen3-8B / Qwen3-32B shapes
+    "qwen3-8b": ModelConfig(
+        "qwen3", 151936, 4096, 12288, 36, 32, 8, head_dim=128, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6
+    ),
+    "qwen3-32b": ModelConfig(
+        "qwen3", 151936, 5120, 25600, 64, 64, 8, head_dim=128, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6
+    ),
 }
 
 

@@ -173,7 +173,7 @@ class Transformer(nn.Module):
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp,
             params_dtype=dtype,
-            use_cpu_initialization=(str(device) == "cpu"),
+            use_cpu_initialization=torch.device(device).type != "cuda",  # cpu, or meta (the planner)
             perform_initialization=True,
             gradient_accumulation_fusion=False,
         )

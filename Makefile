@@ -19,3 +19,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 .PHONY: demo test
+
+# The Docker image built and run (tools/docker_check.sh; needs Docker, so not part of `make test`)
+docker-check:
+	tools/docker_check.sh
+
+.PHONY: docker-check

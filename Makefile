@@ -27,4 +27,9 @@ test: lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-.PHONY: demo lint test test-fast
+
+# The Docker image built and run (tools/docker_check.sh; needs Docker, so not part of `make test`)
+docker-check:
+	tools/docker_check.sh
+
+.PHONY: demo lint test test-fast docker-check

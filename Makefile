@@ -27,7 +27,6 @@ test: lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-
 # The Docker image built and run (tools/docker_check.sh; needs Docker, so not part of `make test`)
 docker-check:
 	tools/docker_check.sh

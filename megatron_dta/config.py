@@ -84,8 +84,11 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (DFS pipeline schedule); must divide model.num_layers
     microbatches_in_flight: int | None = None  # pp > 1: per stage; null: 2 x pp (docs/pipeline.md)
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    timeout_s: float = 600.0  # a collective waiting longer for another rank fails, naming the operation
 
     def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.tp < 1:
             raise ValueError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp < 1:
@@ -104,8 +107,11 @@ class TrainConfig:
     steps: int = 6  # optimizer updates
     seed: int = 0  # model initialisation (presets)
     dtype: str = "float32"  # parameters and compute: float32, float64 (exactness checks) or bfloat16
+    max_bad_steps: int = 3  # consecutive steps skipped for a non-finite loss or gradient before the run stops
 
     def __post_init__(self):
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:

@@ -23,14 +23,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str = "cpu") -> None:
-    """Initialise torch.distributed from torchrun's environment, or as a world of one."""
+def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed from torchrun's environment, or as a world of one. A collective
+    that waits longer than ``timeout_s`` for another rank fails instead of hanging."""
     if dist.is_initialized():
         return
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=10)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # not under torchrun: a private world of one (the environment is left untouched for children)
@@ -49,13 +50,18 @@ class ParallelLayout:
 
     @classmethod
     def create(
-        cls, tp: int = 1, pp: int = 1, device: str | None = None, microbatches_in_flight: int | None = None
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        device: str | None = None,
+        microbatches_in_flight: int | None = None,
+        timeout_s: float = 600.0,
     ) -> ParallelLayout:
         """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
         from megatron.core import parallel_state as ps
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        init_distributed(device)
+        init_distributed(device, timeout_s)
         world = dist.get_world_size()
         if world % (tp * pp):
             raise ValueError(
@@ -64,7 +70,11 @@ class ParallelLayout:
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_s / 60,  # its groups get the same deadline
+        )
         return cls(
             tp=tp, pp=pp, dp=world // (tp * pp), device=device, microbatches_in_flight=microbatches_in_flight
         )

@@ -210,15 +210,16 @@ def newest_intact(run_dir: str | Path, fingerprint: dict) -> Path | None:
 
 
 def check_fingerprint(path: Path, saved: dict, current: dict) -> None:
-    """Refuse a resume whose config changes what the checkpoint's state depends on (one line, the
-    first differing field)."""
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if old != new:
-            raise IncompatibleResume(
-                f"{path}: written with {key}={json.dumps(old)}, this config has {key}={json.dumps(new)}: "
-                f"resume with {key}={json.dumps(old)}, or start a new run in another checkpoint.run_dir"
-            )
+    """Refuse, in one line naming every differing field, a resume whose config changes what the
+    checkpoint's state depends on."""
+    differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differ:
+        was = ", ".join(f"{k}={json.dumps(saved.get(k))}" for k in differ)
+        now = ", ".join(f"{k}={json.dumps(current.get(k))}" for k in differ)
+        raise IncompatibleResume(
+            f"{path}: written with {was}; this config has {now}: resume with the checkpoint's values, "
+            "or start a new run in another checkpoint.run_dir"
+        )
 
 
 def _rng_state() -> dict:

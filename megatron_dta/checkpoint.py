@@ -222,6 +222,20 @@ def check_fingerprint(path: Path, saved: dict, current: dict) -> None:
         )
 
 
+def _write_failure(exc: Exception) -> str | None:
+    """What went wrong if ``exc`` is a failed write, else None. The serializers do not raise
+    OSError: torch.save reports a short write as a RuntimeError from its zip writer, safetensors
+    its own error with the OS message inside."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError):
+        return exc.strerror or text
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch.save could not write its file ({text})"
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return text
+    return None
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -292,17 +306,21 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _writing(self, step: int, tmp: Path):
-        """An OSError while writing (disk full, RLIMIT_FSIZE, permissions) becomes one clear error;
-        the unfinished directory goes, the earlier checkpoints stay as they were."""
+        """A failed write (disk full, RLIMIT_FSIZE, permissions) becomes one clear error; the
+        unfinished directory goes, the earlier checkpoints stay as they were."""
         try:
             yield
-        except OSError as exc:
+        except Exception as exc:
+            detail = _write_failure(exc)
+            if detail is None:
+                raise
             if self.layout.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = latest_complete(self.cfg.run_dir)
+            free = shutil.disk_usage(tmp.parent).free / 2**30
             raise CheckpointWriteError(
-                f"cannot write the checkpoint of step {step} under {tmp}: {exc.strerror or exc} "
-                f"(disk full or a file size limit?); the earlier checkpoints are intact (newest: "
+                f"cannot write the checkpoint of step {step} under {tmp}: {detail} ({free:.1f} GiB free; "
+                f"disk full or a file size limit?); the earlier checkpoints are intact (newest: "
                 f"{kept.name if kept else 'none'}): free space, then rerun with --resume"
             ) from None
 

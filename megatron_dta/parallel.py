@@ -23,6 +23,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _per_attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store under a prefix per restart attempt. torchrun hands the workers it restarts
+    the store their killed predecessors used, without a prefix, so a restarted rank can read a dead
+    rank's address and gloo waits on it until the timeout (seen: connectFullMesh "Connection
+    refused" after a rank was SIGKILLed under --max-restarts 1)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"megatron_dta/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed from torchrun's environment, or as a world of one. A collective
     that waits longer than ``timeout_s`` for another rank fails instead of hanging."""
@@ -32,7 +48,11 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=timeout_s)
-    if "RANK" in os.environ:
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _per_attempt_store(rank, world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # not under torchrun: a private world of one (the environment is left untouched for children)
         dist.init_process_group(

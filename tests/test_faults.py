@@ -516,3 +516,34 @@ def test_fuzzed_rollout_file_stops_the_cli_before_any_step(tmp_path):
         f"error: {tmp_path / 'cut.jsonl'}:8: field '<json>': malformed JSON"
     ), proc.stderr
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_fault_check_quick_survives_restart_kill_during_save_and_a_hung_rank(tmp_path):
+    """The reduced tools/fault_check.py: rank 1 SIGKILLed mid-step under torchrun --max-restarts 1
+    resumes bit for bit; a kill between manifest and COMPLETE is cleaned up and resumed bit for
+    bit; a rank that stops answering makes the other fail within parallel.timeout_s naming the
+    operation. (The full set, with its figures, is in docs/reliability.md.)"""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/fault_check.py",
+            "--quick",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1500,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    results = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert [r["scenario"] for r in results] == ["restart", "kill-save-one", "hang"]
+    assert all(r["ok"] for r in results)
+    hang = results[2]
+    assert hang["seconds"] < 60  # parallel.timeout_s=5, plus the launcher tearing the job down

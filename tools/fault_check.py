@@ -173,7 +173,12 @@ class Work:
         self._refs: dict[str, tuple[Path, float]] = {}
 
     def env(self, inject: str | None = None, single: bool = False) -> dict:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # torchrun next to this interpreter first on PATH (the launch scripts call it by name)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}",
+        }
         env["PYTHONPATH"] = os.pathsep.join([str(self.root / "site"), str(ROOT), env.get("PYTHONPATH", "")])
         env.pop("FAULT_CHECK_INJECT", None)
         if inject:
@@ -205,27 +210,46 @@ class Work:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
 
         start = time.perf_counter()
-        proc = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env=self.env(inject, single=ranks == 1),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            preexec_fn=limit if limit_fsize else None,
-        )
+        proc = _run(cmd, self.env(inject, single=ranks == 1), timeout, limit if limit_fsize else None)
+        with open(f"{run_dir}.log", "a") as log:  # every attempt's output, for a failure's post-mortem
+            log.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
         return proc, time.perf_counter() - start
 
     def reference(self, ranks: int) -> tuple[Path, float]:
         """The uninterrupted run on ``ranks`` processes, and its wall seconds."""
         key = f"ref_dp{ranks}"
+        run, timing = self.root / key, self.root / f"{key}.seconds"
+        if key not in self._refs and timing.is_file():  # made by an earlier call with this --workdir
+            self._refs[key] = (run, float(timing.read_text()))
         if key not in self._refs:
-            run = self.root / key
             shutil.rmtree(run, ignore_errors=True)
             proc, seconds = self.train(run, ranks=ranks)
             _ok(proc, f"reference run on {ranks} rank(s)")
+            timing.write_text(f"{seconds}\n")
             self._refs[key] = (run, seconds)
         return self._refs[key]
+
+
+def _run(cmd: list[str], env: dict, timeout: float, preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on timeout kill the whole session, torchrun's workers too
+    (killing torchrun alone leaves them running)."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _ok(proc: subprocess.CompletedProcess, what: str) -> None:
@@ -285,19 +309,59 @@ def launch_script_restart(work: Work) -> tuple[str, float]:
     ref, _ = work.reference(2)
     run = _fresh(work, "launch")
     start = time.perf_counter()
-    proc = subprocess.run(
-        ["bash", "launch/single_node.sh", str(work.config), "2", f"checkpoint.run_dir={run}"],
-        cwd=ROOT,
-        env=work.env("kill-mid-step:2:0"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = ["bash", "launch/single_node.sh", str(work.config), "2", f"checkpoint.run_dir={run}"]
+    proc = _run(cmd, work.env("kill-mid-step:2:0"), 600)
     seconds = time.perf_counter() - start
     _ok(proc, "launch/single_node.sh")
     assert "resuming from" in proc.stderr, proc.stderr[-2000:]
     _same_run(run, ref)
     return "restarted by the script's torchrun, resumed, bit for bit equal", seconds
+
+
+def multi_node_script_restart(work: Work) -> tuple[str, float]:
+    """launch/multi_node.sh as two one-process "nodes" on this machine (c10d rendezvous on
+    127.0.0.1), global rank 1 SIGKILLed mid-step 3: both nodes' workers restart and resume."""
+    import socket
+
+    ref, _ = work.reference(2)
+    run = _fresh(work, "multi_node")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.perf_counter()
+    nodes = [
+        subprocess.Popen(
+            ["bash", "launch/multi_node.sh", str(work.config), f"checkpoint.run_dir={run}"],
+            cwd=ROOT,
+            env={
+                **work.env("kill-mid-step:3:1"),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "NNODES": "2",
+                "NODE_RANK": str(node),
+                "NPROC_PER_NODE": "1",
+                "RDZV_ID": f"fault-check-{port}",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=900) for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+        raise
+    seconds = time.perf_counter() - start
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    stderr = "".join(err for _, err in outputs)
+    assert "SIGKILL rank 1" in stderr and "(restart 1 of this job)" in stderr, stderr[-3000:]
+    _same_run(run, ref)
+    return "both nodes' workers restarted (c10d rendezvous), resumed, bit for bit equal", seconds
 
 
 def kill_during_save(work: Work, points=("model", "manifest", "rename", "prune")) -> tuple[str, float]:
@@ -467,6 +531,12 @@ def _kill_after_manifest(work: Work) -> tuple[str, float]:
 SCENARIOS = {  # name: (what is injected, scenario, in --quick, in the full set)
     "restart": ("rank SIGKILLed mid-step, torchrun --max-restarts 1 (DP=2)", restart_under_torchrun, 1, 1),
     "launch-script": ("the same through launch/single_node.sh", launch_script_restart, 0, 1),
+    "multi-node-script": (
+        "the same through launch/multi_node.sh, 2 nodes x 1",
+        multi_node_script_restart,
+        0,
+        1,
+    ),
     "kill-save": ("SIGKILL while writing a checkpoint", kill_during_save, 0, 1),
     "kill-save-one": ("SIGKILL after the manifest, before COMPLETE", _kill_after_manifest, 1, 0),
     "corrupt": ("corrupt checkpoints: flipped byte, truncated file", corrupt_checkpoint, 0, 1),

@@ -449,10 +449,14 @@ def hung_rank(work: Work) -> tuple[str, float]:
     assert message.startswith("step 2: the all-reduce of the step's timings and finiteness"), message
     assert "rank 0" in message and f"parallel.timeout_s={TIMEOUT_S:g}" in message
     end = time.time()
+    # torchrun's summary stamps the first failure to the second (local time): rank 0's error
+    stamp = proc.stderr.split("Root Cause")[1].split("time      : ")[1].split()[0]
+    failed_at = time.mktime(time.strptime(stamp, "%Y-%m-%d_%H:%M:%S"))
+    assert "rank      : 0" in proc.stderr.split("Root Cause")[1]
     return (
-        f"rank 0 failed naming the operation: '{message[:110]}...'; "
-        f"job ended {end - hung_at:.1f} s after the hang",
-        (end - hung_at),
+        f"rank 0 failed {failed_at - hung_at:.0f} s after the hang (timeout {TIMEOUT_S:g} s; torchrun's "
+        f"1 s stamp), naming the operation: '{message[:100]}...'; job ended {end - hung_at:.1f} s after it",
+        failed_at - hung_at,
     )
 
 

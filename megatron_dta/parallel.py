@@ -34,9 +34,13 @@ def _per_attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> di
         int(os.environ["MASTER_PORT"]),
         world,
         is_master=not agent_hosts and rank == 0,
-        timeout=timeout,
+        timeout=max(timeout, datetime.timedelta(minutes=10)),  # start-up skew is not a hung rank
     )
-    return dist.PrefixStore(f"megatron_dta/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    store = dist.PrefixStore(f"megatron_dta/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    # every rank up before any connects: a short parallel.timeout_s then bounds collectives only
+    store.set(f"started/{rank}", "1")
+    store.wait([f"started/{r}" for r in range(world)])
+    return store
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:

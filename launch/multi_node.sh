@@ -2,8 +2,11 @@
 # Many nodes: run this on every node with the same MASTER_ADDR/MASTER_PORT and its own NODE_RANK.
 #   MASTER_ADDR=node0 MASTER_PORT=29500 NNODES=2 NODE_RANK=0 NPROC_PER_NODE=8 \
 #     launch/multi_node.sh CONFIG.yaml [--resume] [section.key=value ...]
-# Rendezvous is torchrun's static one at MASTER_ADDR:MASTER_PORT (node 0 hosts it). The run
-# directory (checkpoint.run_dir) must be on a file system every node sees.
+# Rendezvous is torchrun's c10d one at MASTER_ADDR:MASTER_PORT (node 0 hosts it), which lets the
+# nodes meet again after a failure: a failed or killed worker on any node restarts every node's
+# workers, up to MAX_RESTARTS times (default 1), and the restarted run resumes from the newest
+# intact checkpoint by itself (docs/reliability.md). The run directory (checkpoint.run_dir) must
+# be on a file system every node sees.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: MASTER_ADDR=... MASTER_PORT=... NNODES=... NODE_RANK=... $0 CONFIG.yaml [args ...]" >&2
@@ -17,5 +20,5 @@ fi
 config=$1
 shift
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_dta train --config "$config" "$@"
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-megatron-dta}" \
+  --max-restarts "${MAX_RESTARTS:-1}" -m megatron_dta train --config "$config" "$@"

@@ -116,8 +116,14 @@ class ParallelConfig:
         default="auto",
         metadata={"help": f"one of {', '.join(DEVICES)}; auto: cuda when a GPU is visible, else cpu"},
     )
+    timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "seconds a collective waits for another rank before failing, naming the operation"},
+    )
 
     def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.tp < 1:
             raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp < 1:
@@ -139,8 +145,14 @@ class TrainConfig:
         default="float32",
         metadata={"help": "parameters and compute: float32, float64 (exactness checks) or bfloat16"},
     )
+    max_bad_steps: int = field(
+        default=3,
+        metadata={"help": "consecutive steps skipped for a non-finite loss or gradient before the run stops"},
+    )
 
     def __post_init__(self):
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:

@@ -31,15 +31,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str = "cpu") -> None:
-    """Initialise torch.distributed from torchrun's environment, or as a world of one."""
+def _per_attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store under a prefix per restart attempt. torchrun hands the workers it restarts
+    the store their killed predecessors used, without a prefix, so a restarted rank can read a dead
+    rank's address and gloo waits on it until the timeout (seen: connectFullMesh "Connection
+    refused" after a rank was SIGKILLed under --max-restarts 1)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_hosts and rank == 0,
+        timeout=max(timeout, datetime.timedelta(minutes=10)),  # start-up skew is not a hung rank
+    )
+    store = dist.PrefixStore(f"megatron_dta/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    # every rank up before any connects: a short parallel.timeout_s then bounds collectives only
+    store.set(f"started/{rank}", "1")
+    store.wait([f"started/{r}" for r in range(world)])
+    return store
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed from torchrun's environment, or as a world of one. A collective
+    that waits longer than ``timeout_s`` for another rank fails instead of hanging."""
     if dist.is_initialized():
         return
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=10)
-    if "RANK" in os.environ:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _per_attempt_store(rank, world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # not under torchrun: a private world of one (the environment is left untouched for children)
         dist.init_process_group(
@@ -71,13 +96,18 @@ class ParallelLayout:
 
     @classmethod
     def create(
-        cls, tp: int = 1, pp: int = 1, device: str | None = None, microbatches_in_flight: int | None = None
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        device: str | None = None,
+        microbatches_in_flight: int | None = None,
+        timeout_s: float = 600.0,
     ) -> ParallelLayout:
         """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
         from megatron.core import parallel_state as ps
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        init_distributed(device)
+        init_distributed(device, timeout_s)
         world = dist.get_world_size()
         if world % (tp * pp):
             raise ConfigError(
@@ -86,7 +116,11 @@ class ParallelLayout:
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_s / 60,  # its groups get the same deadline
+        )
         return cls._from_parallel_state(device, microbatches_in_flight)
 
     @classmethod

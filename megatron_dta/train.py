@@ -6,13 +6,26 @@ the same global batch on every rank, prepares it as a whole (GRPO group statisti
 balancer give each data-parallel rank its microbatches, normalizes the loss by the all-reduced
 global denominator, runs the engine on each microbatch (gradients accumulate), and lets the
 optimizer sum gradients over DP, clip and step.
+
+Faults a long job meets are handled here (docs/reliability.md): a step whose batch trains no token
+is skipped before any compute, the same way on every layout; a step with a non-finite loss or
+gradient on any rank is skipped by all ranks with the optimizer untouched, and
+``train.max_bad_steps`` of them in a row stop the run; every DP rank's balancer plan is hashed and
+compared each step; a collective that fails (a rank died or stopped answering for
+``parallel.timeout_s``) is reported with the operation it was in; a torchrun restart, or
+``checkpoint.auto_resume``, resumes from the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +40,7 @@ from megatron_dta.checkpoint import COMPLETE, complete_checkpoints, latest_compl
 from megatron_dta.config import Config
 from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine, StepResult
-from megatron_dta.errors import CheckpointError
+from megatron_dta.errors import CheckpointError, UserError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.metrics import peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
@@ -56,6 +69,24 @@ _SUMS = (
 )
 
 
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class PlanMismatch(RuntimeError):
+    """Data-parallel ranks computed different balancer plans: a bug or ranks with different data."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective that did not complete: another rank died or stopped answering."""
+
+
+def say(layout: ParallelLayout, message: str) -> None:
+    """A run event worth a log line (skipped steps, resumes), from the main rank, on stderr."""
+    if layout.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
 def create_layout(cfg: Config) -> ParallelLayout:
     device = cfg.parallel.device
     if device == "auto":
@@ -65,7 +96,28 @@ def create_layout(cfg: Config) -> ParallelLayout:
         pp=cfg.parallel.pp,
         device=device,
         microbatches_in_flight=cfg.parallel.microbatches_in_flight,
+        timeout_s=cfg.parallel.timeout_s,
     )
+
+
+_COMM_ERRORS = ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL")
+
+
+@contextlib.contextmanager
+def collective(step: int, what: str, timeout_s: float):
+    """Name the operation when a collective inside fails, so a lost rank reads as one, not as an
+    anonymous transport error (gloo raises a plain RuntimeError on timeout or a closed peer)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if not (isinstance(exc, dist.DistError) or any(w in text for w in _COMM_ERRORS)):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CollectiveFailure(
+            f"step {step + 1}: {what} failed on rank {dist.get_rank()}: another rank died or did not "
+            f"answer within parallel.timeout_s={timeout_s:g} ({first})"
+        ) from exc
 
 
 def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
@@ -94,9 +146,34 @@ def build_model(cfg: Config, layout: ParallelLayout) -> Transformer:
     return model
 
 
+def plan_digest(plan, batch: list[Rollout], dp: int) -> int:
+    """A 63-bit hash of the batch's rollouts and the plan's assignment of them to every DP rank."""
+    h = hashlib.sha256()
+    for r in batch:
+        for a in (r.input_ids, r.loss_mask, r.advantages, r.old_logprobs, r.ref_logprobs):
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+    h.update(repr([[[int(i) for i in mb] for mb in plan.for_rank(k)] for k in range(dp)]).encode())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def check_digests_agree(digests: list[int]) -> None:
+    if len(set(digests)) > 1:
+        raise PlanMismatch(
+            "data-parallel ranks computed different balancer plans (digests by DP rank: "
+            f"{', '.join(f'{d:016x}' for d in digests)}): every rank must hold the same rollouts, "
+            "sampler position and data.cost_model; refusing to train on inconsistent microbatches"
+        )
+
+
 def local_microbatches(batch: list[Rollout], layout: ParallelLayout, data_cfg):
-    """(the balance plan, indices into ``batch`` of this DP rank's microbatches, empty ones dropped)."""
+    """(the balance plan, indices into ``batch`` of this DP rank's microbatches, empty ones dropped).
+    Each rank balances on its own, so the plans are compared (one all-gather of a hash) first."""
     plan = balance(batch, layout.dp, data_cfg.microbatch_tokens, data_cfg.load_cost_model())
+    if layout.dp > 1:
+        mine = torch.tensor([plan_digest(plan, batch, layout.dp)], dtype=torch.int64)
+        every = [torch.zeros_like(mine) for _ in range(layout.dp)]
+        dist.all_gather(every, mine, group=layout.dp_group)
+        check_digests_agree([int(t.item()) for t in every])
     return plan, [mb for mb in plan.for_rank(layout.dp_rank) if mb]
 
 
@@ -146,6 +223,16 @@ def forward_logprobs(
     return gather_over_dp(broadcast_from_last_stage(out, layout), layout)
 
 
+def grads_finite(model: torch.nn.Module) -> bool:
+    """This rank's accumulated gradients hold no NaN or Inf (``.grad``, and megatron-style
+    ``.main_grad`` buffers where a backend accumulates into those)."""
+    for p in model.parameters():
+        for g in (p.grad, getattr(p, "main_grad", None)):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                return False
+    return True
+
+
 def train_step(
     step: int,
     cfg: Config,
@@ -155,28 +242,48 @@ def train_step(
     engine: Engine,
     optimizer,
 ) -> dict:
+    """One optimizer update; ``skipped`` in the result is None, "empty" or "non-finite"."""
     start = time.perf_counter()
+    timeout = cfg.parallel.timeout_s
     if layout.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     idx = data.next_indices()
+    lr = lr_at(cfg.optimizer, step, cfg.train.steps)
+    if not any(data.rollouts[i].loss_mask.any() for i in idx):
+        # No token to learn from. An optimizer step would still move the weights (Adam momentum,
+        # weight decay) on layouts that zero-fill missing gradients and not on others, so no
+        # layout steps: every rank holds the whole batch and decides the same without talking.
+        plan = balance(
+            [data.rollouts[i] for i in idx], layout.dp, cfg.data.microbatch_tokens, cfg.data.load_cost_model()
+        )
+        g = dict.fromkeys(_SUMS, 0.0) | {"total_tokens": float(sum(len(data.rollouts[i]) for i in idx))}
+        peak = float(peak_memory_bytes(layout.device))
+        return _record(step, g, plan, lr, 0.0, time.perf_counter() - start, peak, (0.0, 0.0), "empty")
     missing = data.missing_old_logprobs(idx)
     if missing:
-        filled = forward_logprobs(engine, [data.rollouts[i] for i in missing], layout, cfg.data)
+        with collective(step, "filling old log-probs (forward over DP ranks, all-gather)", timeout):
+            filled = forward_logprobs(engine, [data.rollouts[i] for i in missing], layout, cfg.data)
         data.fill({missing[k]: lp for k, (lp, _) in filled.items()})
     batch = loss_fn.prepare([data.rollouts[i] for i in idx])
-    plan, local = local_microbatches(batch, layout, cfg.data)
+    with collective(step, "the comparison of balancer plans across DP ranks (all-gather)", timeout):
+        plan, local = local_microbatches(batch, layout, cfg.data)
     micro = [[batch[i] for i in mb] for mb in local]
-    denominator = all_reduce_scalar(
-        loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group
-    )
+    with collective(step, "the all-reduce of the loss denominator over DP ranks", timeout):
+        denominator = all_reduce_scalar(
+            loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group
+        )
 
     sums = dict.fromkeys(_SUMS, 0.0)
     optimizer.zero_grad()
     compute_start = time.perf_counter()
-    with optimizer.accumulate():
-        results = run_microbatches(engine, layout, micro, loss_fn, denominator)
-        # this rank's forward+backward time, before any collective that waits for the slowest rank
-        compute = time.perf_counter() - compute_start
+    with collective(
+        step, "the forward/backward pass (pipeline sends/receives, DP gradient reduction)", timeout
+    ):
+        with optimizer.accumulate():
+            results = run_microbatches(engine, layout, micro, loss_fn, denominator)
+            # this rank's forward+backward time, before any collective that waits for the slowest rank
+            compute = time.perf_counter() - compute_start
+            finite = grads_finite(engine.model)  # before any reduction mixes the ranks' gradients
     if engine.model.is_last:  # with pp > 1 the other stages' results are empty; the sums skip them
         for rollouts, res in zip(micro, results):
             sums["loss"] += res.loss.item()
@@ -185,17 +292,32 @@ def train_step(
             sums["recomputed_tokens"] += res.recomputed_tokens
             for k, v in res.stats.items():
                 sums[k] += float(v)
-    compute_max = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MAX)
-    compute_min = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MIN)
-    lr = lr_at(cfg.optimizer, step, cfg.train.steps)
-    grad_norm = optimizer.step(lr)
+    finite = finite and math.isfinite(sums["loss"])
+    with collective(step, "the all-reduce of the step's timings and finiteness over all ranks", timeout):
+        bad = all_reduce_scalar(float(not finite), dist.group.WORLD, dist.ReduceOp.MAX) > 0
+        compute_max = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MAX)
+        compute_min = all_reduce_scalar(compute, layout.dp_group, dist.ReduceOp.MIN)
+    if bad:  # every rank skips together: weights and optimizer state stay as they were
+        optimizer.zero_grad()
+        grad_norm = math.nan
+    else:
+        with collective(step, "the optimizer step (gradient all-reduce over DP ranks, grad norm)", timeout):
+            grad_norm = optimizer.step(lr)
 
-    totals = all_reduce_over(
-        torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), layout.dp_group, layout.pp_group
-    )
+    with collective(step, "the all-reduce of the step's metrics", timeout):
+        totals = all_reduce_over(
+            torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), layout.dp_group, layout.pp_group
+        )
+        peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
     g = dict(zip(_SUMS, totals.tolist()))
-    peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
     seconds = time.perf_counter() - start
+    return _record(
+        step, g, plan, lr, grad_norm, seconds, peak, (compute_max, compute_min), "non-finite" if bad else None
+    )
+
+
+def _record(step, g: dict, plan, lr, grad_norm, seconds, peak, compute, skipped) -> dict:
+    """The metrics.jsonl record of a step from the global sums ``g`` and the balancer ``plan``."""
     loss_tokens = max(g["tokens"], 1.0)
     return {
         "step": step + 1,
@@ -215,9 +337,10 @@ def train_step(
         "approx_kl": g["approx_kl"] / loss_tokens,
         "entropy": g["entropy"] / loss_tokens,
         "microbatches": plan.num_microbatches,
-        "rank_compute_seconds_max": compute_max,  # slowest vs fastest DP rank: the balancer's result
-        "rank_compute_seconds_min": compute_min,
+        "rank_compute_seconds_max": compute[0],  # slowest vs fastest DP rank: the balancer's result
+        "rank_compute_seconds_min": compute[1],
         "predicted_imbalance": plan.imbalance,
+        "skipped": skipped,  # None, "empty" (no trained token) or "non-finite" (loss or gradient)
     }
 
 
@@ -227,21 +350,64 @@ def save_config(cfg: Config, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
 
 
+def resume_fingerprint(cfg: Config, model: Transformer, num_rollouts: int | None) -> dict:
+    """What a checkpoint's state depends on, by config field: a resume that changes any of these
+    would load weights of another shape, optimizer or RNG files of another layout, or a sampler
+    position in another data set. ``train.steps``, the learning rate, loss and engine may change."""
+    fingerprint = {f"model.arch.{k}": v for k, v in model.cfg.to_dict().items()}
+    fingerprint |= {
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "world size": dist.get_world_size(),
+        "train.dtype": cfg.train.dtype,
+        "optimizer.backend": cfg.optimizer.backend,
+        "data.workload": cfg.data.workload,
+        "data.workload_args": cfg.data.workload_args,
+        "data.seed": cfg.data.seed,
+        "data.rollouts_per_step": cfg.data.rollouts_per_step,
+    }
+    if num_rollouts is not None:  # a fixed data set (not the Python API's, nor a followed directory)
+        fingerprint["number of rollouts in data.rollouts"] = num_rollouts
+    if cfg.optimizer.backend == "deepspeed":
+        fingerprint["optimizer.zero_stage"] = cfg.optimizer.zero_stage
+    return fingerprint
+
+
 def train(cfg: Config, resume: bool = False) -> list[dict]:
     """Run the configured steps (or follow a rollout directory, ``data.follow``); returns this run's
     per-step metrics (on every rank). The loop is ``Trainer.run``: the CLI uses the Python API."""
     from megatron_dta.trainer import Trainer  # trainer.py builds on this module's step and setup
 
     run_dir = Path(cfg.checkpoint.run_dir)
+    # torchrun sets this on the workers it restarts after a failure: they continue the run
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    resume = resume or cfg.checkpoint.auto_resume or restart > 0
     if not resume and complete_checkpoints(run_dir):
         raise CheckpointError(
             f"checkpoint.run_dir {run_dir} already holds checkpoints: pass --resume to continue "
             "that run, or set checkpoint.run_dir to a new directory"
         )
-    trainer = Trainer(cfg)
-    if resume:
-        trainer.load()
-    return trainer.run()
+    return Trainer(cfg).run(resume=resume, restart=restart)
+
+
+def count_skipped(counts: dict, metrics: dict, layout: ParallelLayout, max_bad: int) -> None:
+    """Update the skipped-step counters (kept in checkpoints, so a resumed run counts on) and log."""
+    step, skipped = metrics["step"], metrics["skipped"]
+    if skipped is None:
+        counts["nonfinite_in_a_row"] = 0
+        return
+    counts["skipped_steps"] += 1
+    if skipped == "empty":
+        say(layout, f"step {step}: skipped: no rollout of the batch has a trained token (loss_mask all 0)")
+        return
+    counts["nonfinite_steps"] += 1
+    counts["nonfinite_in_a_row"] += 1
+    say(
+        layout,
+        f"step {step}: skipped: non-finite loss or gradient (loss {metrics['loss']:.6g}); weights and "
+        f"optimizer state untouched ({counts['nonfinite_in_a_row']} in a row; the run stops at "
+        f"train.max_bad_steps={max_bad})",
+    )
 
 
 def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:

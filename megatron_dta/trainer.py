@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dta.checkpoint import Checkpointer, latest_complete
+from megatron_dta.checkpoint import Checkpointer
 from megatron_dta.config import Config
 from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine
@@ -36,7 +36,18 @@ from megatron_dta.model.hf import config_to_hf, gather_hf, save_hf_checkpoint
 from megatron_dta.online import FollowedRollouts, WeightPublisher
 from megatron_dta.optim import build_optimizer
 from megatron_dta.rollouts import Rollout, parse_rollout
-from megatron_dta.train import build_model, create_layout, forward_logprobs, save_config, train_step
+from megatron_dta.train import (
+    TrainingDiverged,
+    count_skipped,
+    build_model,
+    collective,
+    create_layout,
+    forward_logprobs,
+    resume_fingerprint,
+    save_config,
+    say,
+    train_step,
+)
 
 
 def as_config(config: Config | dict | str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -60,7 +71,15 @@ class Trainer:
         self.loss_fn = PolicyLoss(cfg.loss)
         self.engine = Engine(self.model, cfg.engine, self.layout.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.layout)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.layout, cfg.train.steps, cfg.train.dtype)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.layout,
+            cfg.train.steps,
+            cfg.train.dtype,
+            resume_fingerprint(cfg, self.model, None),
+        )
+        # skipped steps (empty batch, non-finite loss or gradient), kept in checkpoints
+        self.counts = {"skipped_steps": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
         self.steps_done = 0  # optimizer updates so far (the LR schedule's position)
         self._saved_step: int | None = None  # step of the checkpoint written or loaded last
         self._source: TrainData | FollowedRollouts | None = None  # run()'s data
@@ -90,6 +109,16 @@ class Trainer:
             self.steps_done, self.cfg, self.layout, data, self.loss_fn, self.engine, self.optimizer
         )
         self.steps_done += 1
+        max_bad = self.cfg.train.max_bad_steps
+        count_skipped(self.counts, metrics, self.layout, max_bad)
+        metrics |= {k: v for k, v in self.counts.items() if k != "nonfinite_in_a_row"}
+        if self.counts["nonfinite_in_a_row"] >= max_bad:
+            raise TrainingDiverged(
+                f"step {self.steps_done}: {self.counts['nonfinite_in_a_row']} consecutive steps had a "
+                f"non-finite loss or gradient (train.max_bad_steps={max_bad}); newest checkpoint: "
+                f"{self.checkpointer.resume_point() or 'none'}: lower optimizer.lr, check the rollouts' "
+                "advantages and log-probs, or raise train.max_bad_steps"
+            )
         return metrics
 
     def logprobs(self, rollouts: Sequence[Rollout | dict]) -> list[np.ndarray]:
@@ -117,27 +146,36 @@ class Trainer:
     def save(self) -> Path:
         """A complete checkpoint of this step under ``checkpoint.run_dir`` (model, optimizer, RNG,
         step and ``run``'s data position)."""
-        state = {"data": self._source.state_dict() if self._source is not None else None}
-        path = self.checkpointer.save(self.steps_done, self.model, self.optimizer, state)
+        state = {
+            "data": self._source.state_dict() if self._source is not None else None,
+            "counts": self.counts,
+        }
+        what = "the checkpoint save (barriers between ranks' writes)"
+        with collective(self.steps_done, what, self.cfg.parallel.timeout_s):
+            path = self.checkpointer.save(self.steps_done, self.model, self.optimizer, state)
         self._saved_step = self.steps_done
         return path
 
     def load(self, path: str | Path | None = None) -> int | None:
-        """Restore a checkpoint (default: the newest complete one in ``checkpoint.run_dir``); returns
-        its step, or None when there is none to load."""
-        path = Path(path) if path is not None else latest_complete(self.cfg.checkpoint.run_dir)
+        """Restore a checkpoint (default: the newest intact one in ``checkpoint.run_dir``: torn ones
+        are removed, corrupt ones set aside, both logged); returns its step, or None when there is
+        none to load. A checkpoint of another model shape or layout is refused naming the field."""
+        path = Path(path) if path is not None else self.checkpointer.resume_point()
         if path is None:
             return None
+        say(self.layout, f"resuming from {path}")
         state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.counts = state.get("counts") or self.counts
         self.steps_done = self._saved_step = state["step"]
         self._source_state = state["data"]
         if self._source is not None and self._source_state is not None:
             self._source.load_state_dict(self._source_state)
         return self.steps_done
 
-    def run(self) -> list[dict]:
+    def run(self, resume: bool = False, restart: int = 0) -> list[dict]:
         """Train until ``train.steps`` (or, following a directory, until STOP); returns this run's
-        per-step metrics on every rank. Writes config.yaml, metrics.jsonl and checkpoints."""
+        per-step metrics on every rank. Writes config.yaml, metrics.jsonl and checkpoints. ``resume``
+        first loads the newest intact checkpoint (``restart``: torchrun's restart count, logged)."""
         cfg, layout = self.cfg, self.layout
         follow = cfg.data.follow
         if follow:
@@ -147,6 +185,9 @@ class Trainer:
             )
         else:
             self._source = TrainData(cfg.data, self.vocab_size)
+            self.checkpointer.set_fingerprint(resume_fingerprint(cfg, self.model, len(self._source.rollouts)))
+        if resume and self.load() is not None and restart:
+            say(layout, f"(restart {restart} of this job)")
         if self._source_state is not None:
             self._source.load_state_dict(self._source_state)
         run_dir = Path(cfg.checkpoint.run_dir)

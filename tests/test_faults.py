@@ -170,6 +170,18 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    """``megatron-dta train ARGS`` in a subprocess (one thread), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_dta", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def test_kill_during_save_never_leaves_a_loadable_torn_checkpoint(
     reference, tmp_path, monkeypatch, capsys, point
 ):
@@ -318,15 +330,7 @@ def test_resume_with_another_model_shape_or_layout_is_refused_naming_the_field(t
         assert f"{field}=" in message.split(";")[0], message
     # the same refusal through the command line: one line, exit code 2
     (tmp_path / "c.yaml").write_text(json.dumps(config(run).to_dict()))
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_dta", "train", "--config", str(tmp_path / "c.yaml"), "--resume"]
-        + ["model.arch.num_layers=2"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = train_cli("--config", str(tmp_path / "c.yaml"), "--resume", "model.arch.num_layers=2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {step_dir(run, 1)}: written with "), proc.stderr
@@ -502,14 +506,11 @@ def test_fuzzed_rollout_file_stops_the_cli_before_any_step(tmp_path):
     lines[7] = lines[7][: len(lines[7]) // 2]
     (tmp_path / "cut.jsonl").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_dta", "train", f"data.rollouts={tmp_path / 'cut.jsonl'}"]
-        + ["data.workload=null", f"checkpoint.run_dir={run}", "model.arch.vocab_size=64"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = train_cli(
+        f"data.rollouts={tmp_path / 'cut.jsonl'}",
+        "data.workload=null",
+        f"checkpoint.run_dir={run}",
+        "model.arch.vocab_size=64",
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -169,7 +169,6 @@ KILL_POINTS = {
 }
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
 def train_cli(*args: str) -> subprocess.CompletedProcess:
     """``megatron-dta train ARGS`` in a subprocess (one thread), its output captured."""
     return subprocess.run(
@@ -182,6 +181,7 @@ def train_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("point", KILL_POINTS)
 def test_kill_during_save_never_leaves_a_loadable_torn_checkpoint(
     reference, tmp_path, monkeypatch, capsys, point
 ):

@@ -30,6 +30,7 @@ from test_train import (
     kill_after_checkpoint,
     one_line_error,
     small_config,
+    tiny_multi_turn,
 )
 
 from megatron_dta import Trainer
@@ -39,35 +40,19 @@ from megatron_dta.metrics import read_metrics
 from megatron_dta.model.hf import read_hf_dir
 from megatron_dta.online import LATEST, STOP, step_file
 from megatron_dta.rollouts import write_rollouts
-from megatron_dta.synthetic import make_workload
 from megatron_dta.train import train
 
 FILES = 3
 STEPS = 6  # 2 steps per file: 2 passes (data.epochs_per_file) of one step (the whole file)
 
 
-def workload(seed: int):
-    return make_workload(
-        "multi_turn",
-        128,
-        seed,
-        num_tasks=2,
-        trajectories_per_task=2,
-        turns=2,
-        system_len=8,
-        task_len=4,
-        turn_len=4,
-        obs_len=4,
-    )
-
-
 def file_lines(number: int) -> list[str]:
-    return [json.dumps(r.to_json()) + "\n" for r in workload(number)]
+    return [json.dumps(r.to_json()) + "\n" for r in tiny_multi_turn(number)]
 
 
 def write_file(directory: Path, number: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    write_rollouts(step_file(directory, number), workload(number))  # written aside, then renamed
+    write_rollouts(step_file(directory, number), tiny_multi_turn(number))  # written aside, then renamed
 
 
 def online_overrides(tmp_path: Path, name: str, steps: int = STEPS) -> list[str]:
@@ -111,7 +96,7 @@ def test_api_steps_equal_the_cli_steps(tmp_path):
     """Three CLI steps on a rollout file (old log-probs filled on step 1, then PPO updates) against
     ``Trainer.step`` three times on the same rollouts with ``Trainer.logprobs`` attached first:
     the same float64 numbers and weights, bit for bit (same CPU, same thread count)."""
-    rollouts = workload(7)
+    rollouts = tiny_multi_turn(7)
     write_rollouts(tmp_path / "batch.jsonl", rollouts)
     overrides = [
         f"data.rollouts={tmp_path / 'batch.jsonl'}",
@@ -167,7 +152,7 @@ def test_published_weights_load_in_transformers_with_the_trainers_logprobs(onlin
     hf = AutoModelForCausalLM.from_pretrained(
         tmp / "ref" / "stream" / "weights" / LATEST, dtype=torch.float64, attn_implementation="sdpa"
     ).eval()
-    rollouts = workload(11)
+    rollouts = tiny_multi_turn(11)
     ours = trainer.logprobs(rollouts)
     with torch.no_grad(), float64_hf():
         for r, lp in zip(rollouts, ours):

@@ -79,6 +79,23 @@ EXACT_KEYS = (
 )
 
 
+def tiny_multi_turn(seed: int, num_tasks: int = 2) -> list:
+    """The CLI and loop tests' workload: two-turn agent trajectories, two per task (8-token system
+    prompt, 4-token turns and observations), vocabulary 128."""
+    return make_workload(
+        "multi_turn",
+        128,
+        seed,
+        num_tasks=num_tasks,
+        trajectories_per_task=2,
+        turns=2,
+        system_len=8,
+        task_len=4,
+        turn_len=4,
+        obs_len=4,
+    )
+
+
 def small_config(tmp_path: Path, name: str = "small.yaml", **changes) -> Path:
     cfg = json.loads(json.dumps(SMALL))
     for key, value in changes.items():
@@ -328,18 +345,7 @@ def test_export_loads_in_transformers_with_our_logits(reference, tmp_path, singl
     assert export(str(run), str(hf_dir), step=4) == step_dir(run, 4)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa").eval()
     ours, _ = load_hf_checkpoint(hf_dir, single_process_world, torch.float64)
-    rollouts = make_workload(
-        "multi_turn",
-        128,
-        1,
-        num_tasks=1,
-        trajectories_per_task=2,
-        turns=2,
-        system_len=8,
-        task_len=4,
-        turn_len=4,
-        obs_len=4,
-    )
+    rollouts = tiny_multi_turn(1, num_tasks=1)
     res = Engine(ours).logprobs(rollouts)
     with torch.no_grad(), float64_hf():
         for r, lp in zip(rollouts, res.logprobs):
@@ -353,18 +359,7 @@ def test_logprobs_command_writes_rollout_layout(tmp_path, pp):
     """pp=2: the forward-only pass through the DFS pipeline schedule (two microbatches, results
     from the last stage, written by rank 0) gives the same float64 values."""
     cfg_path = small_config(tmp_path)
-    rollouts = make_workload(
-        "multi_turn",
-        128,
-        2,
-        num_tasks=2,
-        trajectories_per_task=2,
-        turns=2,
-        system_len=8,
-        task_len=4,
-        turn_len=4,
-        obs_len=4,
-    )
+    rollouts = tiny_multi_turn(2)
     write_rollouts(tmp_path / "in.jsonl", rollouts)
     extra = ["parallel.pp=2", "data.microbatch_tokens=30"] if pp == 2 else []
     cli(
@@ -405,18 +400,7 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
 
 
 def test_bad_rollout_file_is_one_line_exit_2(tmp_path):
-    good = make_workload(
-        "multi_turn",
-        128,
-        0,
-        num_tasks=1,
-        trajectories_per_task=2,
-        turns=2,
-        system_len=8,
-        task_len=4,
-        turn_len=4,
-        obs_len=4,
-    )
+    good = tiny_multi_turn(0, num_tasks=1)
     lines = [json.dumps(r.to_json()) for r in good[:2]]
     bad = json.loads(lines[1])
     bad["loss_mask"][0] = 1

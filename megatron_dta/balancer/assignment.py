@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_dta.balancer.cost import price
 from megatron_dta.balancer.layout import Layout
 
 
@@ -104,7 +105,7 @@ class Assignment:
     def exact(self, *ranks: int) -> None:
         """Replace the running loads of ``ranks`` by the cost of the forest of each one's rollouts."""
         for r in ranks:
-            self.loads[r] = self.layout.features(self.positions(self.on[r])) @ self.coef_F
+            self.loads[r] = price(self.layout.features(self.positions(self.on[r])), self.coef_F)
 
     def lpt(self, size: Sequence[float]) -> None:
         """Largest ``size`` first, each onto the rank with the least ``size`` so far."""

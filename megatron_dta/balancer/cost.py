@@ -23,6 +23,18 @@ from megatron_dta.forest import PrefixForest
 FEATURES = ("per_token", "attention", "per_node", "per_leaf", "constant")
 
 
+def price(features, coef_F: np.ndarray):
+    """``features @ coef_F`` ([F] -> float, [R, F] -> [R]) summed feature by feature in a fixed order.
+    Every DP rank plans its batch alone and must reach the same plan, but BLAS's dot and gemv round
+    differently by CPU kernel (seen: OpenBLAS's Haswell and native kernels one ulp apart, which is
+    enough to flip a tie); elementwise products and sums round the same everywhere."""
+    features = np.asarray(features, dtype=np.float64)
+    total = features[..., 0] * coef_F[0]
+    for f in range(1, len(coef_F)):
+        total = total + features[..., f] * coef_F[f]
+    return total
+
+
 def triangle(n):
     """Causal query-key pairs of the first ``n`` positions of a path: n (n + 1) / 2."""
     return n * (n + 1) // 2
@@ -104,7 +116,7 @@ class CostModel:
         """Seconds for a forest, a feature vector [F], or a matrix of them [R, F]."""
         if isinstance(forest_or_features, PrefixForest):
             forest_or_features = self.features(forest_or_features)
-        return np.asarray(forest_or_features, dtype=np.float64) @ self.coefficients
+        return price(forest_or_features, self.coefficients)
 
     @classmethod
     def fit(cls, features_RF: np.ndarray, seconds_R: np.ndarray) -> tuple[CostModel, float]:

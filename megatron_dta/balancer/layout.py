@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from megatron_dta.balancer.cost import FEATURES, CostModel, triangle
+from megatron_dta.balancer.cost import FEATURES, CostModel, price, triangle
 from megatron_dta.forest import PrefixForest
 
 
@@ -60,12 +60,12 @@ class Layout:
         self.model = model
         coef_F = model.coefficients
         coef_F[-1] = 0.0  # units carry no per-microbatch constant
-        self.full_cost = self.full_NF @ coef_F  # of the rollout alone
-        self.cum_cost = np.cumsum((self.full_NF - self.shared_NF) @ coef_F)
+        self.full_cost = price(self.full_NF, coef_F)  # of the rollout alone
+        self.cum_cost = np.cumsum(price(self.full_NF - self.shared_NF, coef_F))
         self.cum_tokens = np.cumsum(length - lcp)
         self.slack_cost = self.cum_cost - self.full_cost  # non-decreasing (see rest_starts)
         self.slack_tokens = self.cum_tokens - length
-        self.shared_cost = self.shared_NF @ coef_F  # recomputed if a piece starts here
+        self.shared_cost = price(self.shared_NF, coef_F)  # recomputed if a piece starts here
         starts = np.flatnonzero(lcp == 0)
         self.tree_of = np.cumsum(lcp == 0) - 1  # tree index of each position
         self.trees = list(zip(starts.tolist(), [*starts[1:].tolist(), n]))  # [T] position ranges

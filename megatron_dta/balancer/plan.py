@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_dta.balancer.assignment import Assignment
+from megatron_dta.balancer.cost import price
 from megatron_dta.balancer.pack import pack
 
 DEFAULT_TOLERANCE = 0.02  # refine to 1.02 x the mean; packing into microbatches may add a little
@@ -70,7 +71,7 @@ def make_plan(asg: Assignment, max_tokens: float, tolerance: float = DEFAULT_TOL
         for i, units in enumerate(bins):
             pos = asg.positions(units)
             feat_F = lay.features(pos)
-            rank_costs[r] += feat_F @ coef_F
+            rank_costs[r] += price(feat_F, coef_F)
             mb_tokens.append(int(feat_F[0]))
             microbatches.append(Microbatch(r, i, sorted(lay.order[pos].tolist())))
     largest = float(lay.full_cost.max()) + k * lay.model.constant

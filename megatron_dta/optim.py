@@ -213,6 +213,10 @@ class DeepSpeedOptimizer:
 
         if "RANK" not in os.environ:  # a world of one without torchrun; DeepSpeed insists on the variable
             os.environ["LOCAL_RANK"] = "0"
+        if layout.device == "cpu":
+            # gloo reduces CPU tensors already; DeepSpeed's shared-memory all-reduce op would only
+            # speed that up, at the cost of a C++ JIT compile of minutes on a machine's first run
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.layout = layout
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.main_grads = MainGrads(self.params)

@@ -33,22 +33,32 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
+FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _config_command(sub, name: str, help: str, description: str, config: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a config: ``--config FILE.yaml`` (``config`` says which parts it uses)
+    and ``section.key=value`` overrides, the config keys listed in its help."""
+    p = sub.add_parser(name, help=help, formatter_class=FMT, epilog=CONFIG_HELP, description=description)
+    p.add_argument("--config", metavar="FILE.yaml", help=config)
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
+    )
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    ap = _Parser(prog="megatron-dta", description=__doc__, formatter_class=fmt)
+    ap = _Parser(prog="megatron-dta", description=__doc__, formatter_class=FMT)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser(
+    t = _config_command(
+        sub,
         "train",
         help="train for the configured steps",
-        formatter_class=fmt,
-        epilog=CONFIG_HELP,
         description="Train on a rollout file or a synthetic workload. Writes RUN_DIR/metrics.jsonl "
         "(one JSON object per step), RUN_DIR/config.yaml and checkpoints under "
         "RUN_DIR/checkpoints (RUN_DIR is checkpoint.run_dir).",
-    )
-    t.add_argument(
-        "--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)"
+        config="YAML config (default: the built-in CPU demo config)",
     )
     t.add_argument(
         "--resume",
@@ -60,35 +70,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the job as launched (world size, device memory) with `plan`, then exit: no weight loads",
     )
-    t.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
-    )
 
-    lp = sub.add_parser(
+    lp = _config_command(
+        sub,
         "logprobs",
         help="forward-only log-probs and entropy of a rollout file",
-        formatter_class=fmt,
-        epilog=CONFIG_HELP,
         description="No-grad DTA forward of the config's model over a rollout file; writes each "
         "rollout back with 'logprobs' and 'entropy' (one per token, entry 0 = 0.0), "
         "e.g. to fill old_logprobs or ref_logprobs.",
-    )
-    lp.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="YAML config: its model, train.dtype, parallel, engine and "
+        config="YAML config: its model, train.dtype, parallel, engine and "
         "data.microbatch_tokens are used (default: the built-in demo config)",
     )
     lp.add_argument("--rollouts", required=True, metavar="IN.jsonl", help="rollout file to score")
     lp.add_argument("--out", required=True, metavar="OUT.jsonl", help="where to write the scored rollouts")
-    lp.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
-    )
 
     ex = sub.add_parser(
         "export",
         help="a trained checkpoint as an HF checkpoint directory",
-        formatter_class=fmt,
+        formatter_class=FMT,
         description="Copy the model of a complete checkpoint of a run out as an HF checkpoint "
         "(config.json + model.safetensors) that transformers loads.",
     )
@@ -105,18 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         help="convert the weights (default: the training dtype)",
     )
 
-    pl = sub.add_parser(
+    pl = _config_command(
+        sub,
         "plan",
         help="memory per rank, step time and communication of a layout, without weights or GPUs",
-        formatter_class=fmt,
-        epilog=CONFIG_HELP,
         description="Build every rank position of the config's layout at --world-size on the meta device "
         "(fake process groups), balance and plan the first step's batch, run the pipeline schedule and "
         "price it on a hardware profile. Prints a table; exits 2 naming the rank and memory term when "
         "the layout does not fit (docs/scaling.md).",
-    )
-    pl.add_argument(
-        "--config", metavar="FILE.yaml", help="YAML config (default: the built-in CPU demo config)"
+        config="YAML config (default: the built-in CPU demo config)",
     )
     pl.add_argument("--world-size", type=int, required=True, metavar="N", help="number of GPUs (processes)")
     pl.add_argument(
@@ -126,14 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--allow-oom", action="store_true", help="report a layout that does not fit instead of exit 2"
     )
-    pl.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="config values replacing the file's"
-    )
 
     d = sub.add_parser(
         "demo",
         help="train the tiny CPU demo, then time dta against dense",
-        formatter_class=fmt,
+        formatter_class=FMT,
         description="Train the built-in default config (tiny model, synthetic multi-turn workload, "
         "CPU), print the loss by step, then time one forward+backward of the same batch "
         "in dense and dta modes and print the speed-up.",

@@ -41,6 +41,7 @@ class Rollout:
     ref_logprobs: np.ndarray | None = None  # float64 [L], entry 0 ignored
     group: object = None
     extra: dict = field(default_factory=dict)  # unknown fields, written back unchanged
+    routed_experts: np.ndarray | None = None  # int64 [L, MoE layers, top_k]: routing replay
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -16,6 +16,7 @@ import torch
 from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
+from megatron_dta.engine.routing import MoEState, routes_table
 from megatron_dta.errors import ConfigError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
@@ -110,17 +111,24 @@ class Engine:
         loss: PolicyLoss | None = None,
         denominator: float | None = None,
         forward_only: bool = False,
+        num_rollouts: int | None = None,
     ) -> EngineRun:
         """Plan ``rollouts`` and return a run whose ``events`` generator performs one unit event
         (forward or backward) per ``next()``; ``finish`` turns it into a ``StepResult``. Several
-        runs may be alive at once (the pipeline schedule interleaves microbatches this way)."""
+        runs may be alive at once (the pipeline schedule interleaves microbatches this way).
+        ``num_rollouts``: rollouts of the global batch, which the MoE load-balancing loss averages
+        over (default: this batch's)."""
         plan = self.plan(rollouts)
         if forward_only:
             table, loss = {"mask": torch.zeros(sum(len(r) for r in rollouts), dtype=torch.float64)}, None
         else:
             loss = loss or PolicyLoss()
             table = loss.token_table(rollouts, denominator)
-        return EngineRun(rollouts, plan, self.executor.start(plan, table, loss, forward_only))
+        moe = None
+        if self.model.cfg.num_experts:
+            lengths = [len(r) for r in rollouts]
+            moe = MoEState.create(self.model.cfg, lengths, num_rollouts, routes_table(rollouts), self.device)
+        return EngineRun(rollouts, plan, self.executor.start(plan, table, loss, forward_only, moe))
 
     def finish(self, run: EngineRun) -> StepResult:
         out = self.executor.finish(run.state)
@@ -135,7 +143,11 @@ class Engine:
         return self.finish(run)
 
     def forward_backward(
-        self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None
+        self,
+        rollouts: list[Rollout],
+        loss: PolicyLoss | None = None,
+        denominator: float | None = None,
+        num_rollouts: int | None = None,
     ) -> StepResult:
         """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad`` (or their float32
         ``main_grad`` while an optimizer attaches them: ``grads.py``).
@@ -143,7 +155,7 @@ class Engine:
         ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);
         by default this batch's own.
         """
-        return self._drain(self.start(rollouts, loss, denominator))
+        return self._drain(self.start(rollouts, loss, denominator, num_rollouts=num_rollouts))
 
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> StepResult:

@@ -34,11 +34,23 @@ def _mappings():
     return mappings
 
 
-def _copy_to(x: torch.Tensor, groups) -> torch.Tensor:
-    """Identity forward; backward all-reduces over each group (the grads are partial per rank)."""
-    for g in groups:
-        x = _mappings().copy_to_tensor_model_parallel_region(x, group=g)
-    return x
+class _CopyToGroups(torch.autograd.Function):
+    """Identity forward of (expert input, gates); backward all-reduces both grads (partial per rank)
+    over each group, in one fixed order: two separate copies would leave their order to autograd,
+    which differs between EP ranks (their expert graphs differ) and mismatches the collectives."""
+
+    @staticmethod
+    def forward(ctx, x_TH, gates_TK, groups):
+        ctx.groups = groups
+        return x_TH.view_as(x_TH), gates_TK.view_as(gates_TK)
+
+    @staticmethod
+    def backward(ctx, dx_TH, dgates_TK):
+        dx_TH, dgates_TK = dx_TH.contiguous(), dgates_TK.contiguous()
+        for g in ctx.groups:
+            torch.distributed.all_reduce(dx_TH, group=g)
+            torch.distributed.all_reduce(dgates_TK, group=g)
+        return dx_TH, dgates_TK, None
 
 
 def _reduce_from(x: torch.Tensor, groups) -> torch.Tensor:
@@ -72,12 +84,14 @@ class MoEMLP(nn.Module):
         gates_TK = probs_TE.gather(1, experts_TK)
         if self.norm_topk:
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
-        gates_TK = _copy_to(gates_TK.to(x_TH.dtype), self.groups)
-        return _reduce_from(self._experts(_copy_to(x_TH, self.groups), experts_TK, gates_TK), self.groups)
+        x_TH, gates_TK = _CopyToGroups.apply(x_TH, gates_TK.to(x_TH.dtype), self.groups)
+        return _reduce_from(self._experts(x_TH, experts_TK, gates_TK), self.groups)
 
     def _experts(self, x_TH, experts_TK, gates_TK):
-        """This rank's partial output: its experts on the tokens routed to them, gate-weighted."""
-        out_TH = torch.zeros_like(x_TH)
+        """This rank's partial output: its experts on the tokens routed to them, gate-weighted. It
+        starts as 0 * (x, gates) rather than zeros so that every rank's backward reaches
+        ``_CopyToGroups`` (its all-reduce), even a rank whose experts got no token."""
+        out_TH = x_TH * 0 + (gates_TK * 0).sum(-1, keepdim=True)
         local_TK = experts_TK - self.e_start
         for e in range(self.e_local):
             tok, slot = torch.where(local_TK == e)

@@ -98,11 +98,19 @@ def _rotary_forward(self, x, position_ids):
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+_REPLAY: dict = {"routes": None, "layer": 0}  # routing replay of the rollout HF is running
+
+
 def _router_forward(self, hidden_states):
-    """HF's Qwen3MoeTopKRouter with the softmax in the logits' dtype (HF: float32)."""
+    """HF's Qwen3MoeTopKRouter with the softmax in the logits' dtype (HF: float32); under routing
+    replay the experts are the rollout's (``_REPLAY``), the gates still its probabilities there."""
     logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
     probs = torch.softmax(logits, dim=-1)
     top, idx = torch.topk(probs, self.top_k, dim=-1)
+    if _REPLAY["routes"] is not None:
+        idx = torch.as_tensor(_REPLAY["routes"][:, _REPLAY["layer"]])
+        top = probs.gather(1, idx)
+        _REPLAY["layer"] += 1
     if self.norm_topk_prob:
         top = top / top.sum(dim=-1, keepdim=True)
     return logits, top, idx
@@ -137,11 +145,16 @@ def float64_hf():
             cls.forward = fn
 
 
-def hf_logprobs_of(model, ids: np.ndarray, router_logits: list | None = None) -> torch.Tensor:
+def hf_logprobs_of(model, ids: np.ndarray, router_logits: list | None = None, routes=None) -> torch.Tensor:
     """Per-token log-probs [L] of one rollout (entry 0 = 0), with grad; an MoE model's router
-    logits (one [L, E] per MoE layer) are appended to ``router_logits`` when given."""
+    logits (one [L, E] per MoE layer) are appended to ``router_logits`` when given; ``routes``
+    [L, MoE layers, K]: the experts to replay (inside ``float64_hf``)."""
     x = torch.as_tensor(ids, dtype=torch.long)[None]
-    out = model(input_ids=x, output_router_logits=router_logits is not None)
+    _REPLAY.update(routes=routes, layer=0)
+    try:
+        out = model(input_ids=x, output_router_logits=router_logits is not None)
+    finally:
+        _REPLAY["routes"] = None
     if router_logits is not None:
         router_logits.append(out.router_logits)
     logits = out.logits[0].to(torch.float64)
@@ -149,16 +162,19 @@ def hf_logprobs_of(model, ids: np.ndarray, router_logits: list | None = None) ->
     return torch.cat([lp.new_zeros(1), lp])
 
 
-def aux_loss_reference(router_logits: list, coef: float, top_k: int) -> torch.Tensor:
+def aux_loss_reference(router_logits: list, coef: float, top_k: int, routes=None) -> torch.Tensor:
     """The per-rollout load-balancing loss (docs/moe.md) written out from HF's router logits:
     c / (R M) * sum over rollouts r and MoE layers of E * sum_e f_e P_e, f_e the fraction of the
-    rollout's n K routing slots on expert e (no gradient), P_e its mean router probability."""
+    rollout's n K routing slots on expert e (no gradient), P_e its mean router probability.
+    ``routes``: per rollout [n, M, K], the replayed experts (else each token's top-k)."""
     total = router_logits[0][0].new_zeros(())
-    for layers in router_logits:
-        for logits in layers:
+    for i, layers in enumerate(router_logits):
+        for m, logits in enumerate(layers):
             probs = torch.softmax(logits.to(torch.float64), dim=-1)
             n, E = probs.shape
             chosen = torch.topk(probs.detach(), top_k, dim=-1).indices
+            if routes is not None:
+                chosen = torch.as_tensor(routes[i][:, m])
             f = torch.zeros(E, dtype=torch.float64).index_add_(
                 0, chosen.reshape(-1), torch.ones(n * top_k, dtype=torch.float64)
             ) / (n * top_k)
@@ -185,12 +201,18 @@ def hf_dense_step(model, rollouts):
     model.zero_grad(set_to_none=True)
     moe = getattr(model.config, "num_experts", 0) > 0
     router_logits = [] if moe else None
+    routes = [r.routed_experts for r in rollouts] if rollouts[0].routed_experts is not None else None
     with float64_hf():
-        lps = [hf_logprobs_of(model, r.input_ids, router_logits) for r in rollouts]
+        lps = [
+            hf_logprobs_of(model, r.input_ids, router_logits, None if routes is None else routes[i])
+            for i, r in enumerate(rollouts)
+        ]
         loss = ppo_reference(lps, rollouts)
         if moe:
             cfg = model.config
-            loss = loss + aux_loss_reference(router_logits, cfg.router_aux_loss_coef, cfg.num_experts_per_tok)
+            loss = loss + aux_loss_reference(
+                router_logits, cfg.router_aux_loss_coef, cfg.num_experts_per_tok, routes
+            )
         loss.backward()
     grads = {
         n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()

@@ -16,10 +16,19 @@ import torch
 from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
-from megatron_dta.engine.routing import MoEState, routes_table
+from megatron_dta.engine.routing import (
+    MoEState,
+    check_routes,
+    refuse_route_conflicts,
+    relabel_tokens,
+    route_keys,
+    routes_table,
+)
 from megatron_dta.errors import ConfigError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
+
+ROUTE_CONFLICTS = ("refuse", "split")
 
 __all__ = ["MODES", "Engine", "EngineConfig", "Plan", "StepResult"]
 
@@ -63,7 +72,22 @@ class EngineConfig:
         },
     )
 
+    route_conflicts: str = field(
+        default="refuse",
+        metadata={
+            "help": (
+                "MoE routing replay, rollouts sharing tokens with different routed_experts: refuse (one "
+                "line naming file, line, position and layer) or split (separate copies from the first "
+                "conflicting token)"
+            )
+        },
+    )
+
     def __post_init__(self):
+        if self.route_conflicts not in ROUTE_CONFLICTS:
+            raise ConfigError(
+                f"engine.route_conflicts '{self.route_conflicts}' must be one of {ROUTE_CONFLICTS}"
+            )
         if self.mode not in MODES:
             raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
@@ -95,8 +119,14 @@ class Engine:
     def plan(self, rollouts: list[Rollout]) -> Plan:
         if not rollouts:
             raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
-        seqs = [r.input_ids for r in rollouts]
-        return build_plan(
+        seqs, key_to_token = [r.input_ids for r in rollouts], None
+        if self.model.cfg.num_experts:
+            check_routes(rollouts, self.model.cfg)
+            if rollouts[0].routed_experts is not None and self.cfg.route_conflicts == "refuse":
+                refuse_route_conflicts(rollouts)
+            elif rollouts[0].routed_experts is not None:
+                seqs, key_to_token = route_keys(rollouts)
+        plan = build_plan(
             self.cfg.mode,
             seqs,
             seq_offsets_of([len(s) for s in seqs]),
@@ -104,6 +134,9 @@ class Engine:
             self.cfg.max_tokens_per_microbatch,
             self.cfg.pack_tokens,
         )
+        if key_to_token is not None:
+            relabel_tokens(plan, key_to_token)
+        return plan
 
     def start(
         self,

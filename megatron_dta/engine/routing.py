@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_dta.errors import UserError
+from megatron_dta.forest import common_prefix_length
 from megatron_dta.model.moe import top_k_route
 
 
@@ -123,9 +125,82 @@ class UnitRouter:
 
 def routes_table(rollouts) -> torch.Tensor | None:
     """Flat [N, M, K] replayed routes of the batch (rollouts concatenated), or None without replay."""
-    have = [r.routed_experts is not None for r in rollouts]
-    if not any(have):
+    if rollouts[0].routed_experts is None:
         return None
-    if not all(have):
-        raise ValueError("routing replay needs routed_experts in every rollout of the batch or in none")
     return torch.from_numpy(np.concatenate([r.routed_experts for r in rollouts]).astype(np.int64))
+
+
+def check_routes(rollouts, cfg) -> None:
+    """Replayed routes fit the model (MoE layers, top-k, expert ids) and are in all rollouts or none."""
+    have = [r.routed_experts is not None for r in rollouts]
+    if any(have) and not all(have):
+        i = have.index(not have[0])
+        raise UserError(
+            f"{_where(rollouts, i)}: field 'routed_experts': routing replay needs routes in every rollout of "
+            "the batch or in none"
+        )
+    M, K, E = len(cfg.moe_layers), cfg.num_experts_per_tok, cfg.num_experts
+    for i, r in enumerate(rollouts):
+        if r.routed_experts is None:
+            continue
+        if r.routed_experts.shape[1:] != (M, K):
+            raise UserError(
+                f"{_where(rollouts, i)}: field 'routed_experts': {r.routed_experts.shape[1]} MoE layers x "
+                f"{r.routed_experts.shape[2]} experts per token, but the model has {M} x {K}"
+            )
+        if r.routed_experts.max() >= E:
+            j, m, _ = np.argwhere(r.routed_experts >= E)[0]
+            raise UserError(
+                f"{_where(rollouts, i)}: field 'routed_experts': expert id {r.routed_experts[j, m].max()} "
+                f"at position {j}, MoE layer {m} is not below num_experts = {E}"
+            )
+
+
+def _where(rollouts, i: int) -> str:
+    return rollouts[i].source or f"rollout {i}"
+
+
+def find_route_conflict(rollouts):
+    """The first (rollout a < rollout b, position, MoE layer) where two rollouts share the tokens up to
+    and including ``position`` but replay different routes there; None if there is none. Neighbours
+    in sorted order suffice: the common prefix of any two is that of every neighbour pair between."""
+    seqs = [r.input_ids for r in rollouts]
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
+    for a, b in zip(order, order[1:]):
+        n = common_prefix_length(seqs[a], seqs[b])
+        differ_LM = (rollouts[a].routed_experts[:n] != rollouts[b].routed_experts[:n]).any(-1)
+        if differ_LM.any():
+            j, m = np.argwhere(differ_LM)[0]
+            return min(a, b), max(a, b), int(j), int(m)
+    return None
+
+
+def refuse_route_conflicts(rollouts) -> None:
+    hit = find_route_conflict(rollouts)
+    if hit is not None:
+        a, b, j, m = hit
+        mine, theirs = rollouts[b].routed_experts[j, m].tolist(), rollouts[a].routed_experts[j, m].tolist()
+        raise UserError(
+            f"{_where(rollouts, b)}: field 'routed_experts': position {j}, MoE layer {m}: routes "
+            f"{mine} differ from {theirs} in {_where(rollouts, a)}, which shares the tokens up to there; set "
+            "engine.route_conflicts=split to give each its own copy from the first conflicting token"
+        )
+
+
+def route_keys(rollouts) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Sequences of (token, routes) keys, and the key -> token table: a prefix forest built on the
+    keys shares a token only where the routes agree too, so it splits a node at the first token
+    whose routes conflict (engine.route_conflicts=split)."""
+    rows = np.concatenate(
+        [np.column_stack([r.input_ids, r.routed_experts.reshape(len(r), -1)]) for r in rollouts]
+    )
+    uniq, keys = np.unique(rows, axis=0, return_inverse=True)
+    splits = np.cumsum([len(r) for r in rollouts])[:-1]
+    return np.split(keys.reshape(-1).astype(np.int64), splits), torch.from_numpy(uniq[:, 0].astype(np.int64))
+
+
+def relabel_tokens(plan, key_to_token: torch.Tensor) -> None:
+    """Turn a plan built on route keys back into token ids (inputs and targets)."""
+    for unit, _ in plan.events(forward_only=True):
+        unit.input_ids = key_to_token[unit.input_ids]
+        unit.pair_target = key_to_token[unit.pair_target]

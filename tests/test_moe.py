@@ -239,16 +239,21 @@ def ep_setup(moe, tmp_path_factory):
     return tmp
 
 
+@pytest.fixture(scope="module")
+def ep1(ep_setup):
+    """The single-process (EP=1) dta dump both EP tests compare with."""
+    return load(dump(ep_setup, "ep1", "--mode", "dta", "--block-size", "3"))
+
+
 @pytest.mark.slow
-def test_ep2_equals_ep1_float64(ep_setup):
-    ep1 = load(dump(ep_setup, "ep1", "--mode", "dta", "--block-size", "3"))
+def test_ep2_equals_ep1_float64(ep_setup, ep1):
     ep2 = load(dump(ep_setup, "ep2", "--mode", "dta", "--block-size", "3", "--ep", "2", nproc=2))
     assert compare(ep2, ep1, FLOAT64) == []
 
 
 @pytest.mark.slow
-def test_ep2_tp2_equals_ep1_float64(ep_setup):
-    """EP=2 x TP=2 in one 4-process run: experts split over EP, each expert's FFN over TP."""
-    ep1 = load(dump(ep_setup, "ep1", "--mode", "sparse"))
+def test_ep2_tp2_equals_ep1_float64(ep_setup, ep1):
+    """EP=2 x TP=2 in one 4-process run (experts split over EP, each expert's FFN over TP), in
+    sparse mode: every mode equals the dense computation, so it equals the EP=1 dta dump too."""
     ep2tp2 = load(dump(ep_setup, "ep2tp2", "--mode", "sparse", "--ep", "2", "--tp", "2", nproc=4))
     assert compare(ep2tp2, ep1, FLOAT64) == []

@@ -206,13 +206,13 @@ def run_microbatches(
 ) -> list[StepResult]:
     """The engine over this rank's microbatches (gradients accumulate): one after another, or through
     the DFS pipeline schedule when pp > 1, whose results are filled on the last stage only.
-    ``num_rollouts``: the global batch's, for the MoE load-balancing loss (pp == 1)."""
+    ``num_rollouts``: the global batch's, for the MoE load-balancing loss."""
     if layout.pp == 1:
         if forward_only:
             return [engine.logprobs(rollouts) for rollouts in micro]
         return [engine.forward_backward(rollouts, loss_fn, denominator, num_rollouts) for rollouts in micro]
     return forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator, num_rollouts),
         data_iterator=iter(micro),
         model=engine.model,
         num_microbatches=len(micro),

@@ -240,9 +240,9 @@ def ep_setup(moe, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ep1(ep_setup):
-    """The single-process (EP=1) dta dump both EP tests compare with."""
-    return load(dump(ep_setup, "ep1", "--mode", "dta", "--block-size", "3"))
+def ep1(moe):
+    """The EP=1 dta dump of the same checkpoint and batch, in this process, for both EP tests."""
+    return run_ours(moe[2], tree_rollouts(2), "dta", block_size=3)[0]
 
 
 @pytest.mark.slow

@@ -122,7 +122,9 @@ def dump_step(
         engine = Engine(model, engine_cfg, device=layout.device)
         result = engine.forward_backward(local, loss_fn, denominator, num_rollouts=len(rollouts))
     else:
-        result = _pipeline_step(model, engine_cfg, local, loss_fn, denominator, microbatches, layout)
+        result = _pipeline_step(
+            model, engine_cfg, local, (loss_fn, denominator, len(rollouts)), microbatches, layout
+        )
     all_reduce_grads(model, layout.dp_group)
     loss = all_reduce_scalar(result.loss.item(), layout.dp_group)
     grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
@@ -144,14 +146,15 @@ def dump_step(
     }
 
 
-def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatches, layout):
-    """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage."""
+def _pipeline_step(model, engine_cfg, rollouts, loss_args, microbatches, layout):
+    """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage.
+    ``loss_args``: (loss, global denominator, global rollout count) of every microbatch."""
     from megatron_dta.pipeline import forward_backward_pipelining_dfs
 
     bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
     parts = [rollouts[a:b] for a, b in pairwise(bounds) if b > a]
     results = forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        forward_step_func=lambda it, _model: (next(it), *loss_args),
         data_iterator=iter(parts),
         model=model,
         num_microbatches=len(parts),

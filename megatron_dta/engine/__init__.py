@@ -143,8 +143,8 @@ class Engine:
         rollouts: list[Rollout],
         loss: PolicyLoss | None = None,
         denominator: float | None = None,
-        forward_only: bool = False,
         num_rollouts: int | None = None,
+        forward_only: bool = False,
     ) -> EngineRun:
         """Plan ``rollouts`` and return a run whose ``events`` generator performs one unit event
         (forward or backward) per ``next()``; ``finish`` turns it into a ``StepResult``. Several

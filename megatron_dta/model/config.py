@@ -169,7 +169,7 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-32b": ModelConfig(
         "qwen3", 151936, 5120, 25600, 64, 64, 8, head_dim=128, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6
     ),
-    # the HF Qwen3-30B-A3B / Qwen3-235B-A22B shapes (configs/qwen3_30b_a3b_ep8.yaml, qwen3_235b_a22b.yaml)
+    # the HF Qwen3-30B-A3B / Qwen3-235B-A22B shapes (configs/moe_qwen3_*.yaml)
     "qwen3-30b-a3b": ModelConfig(
         "qwen3_moe",
         151936,

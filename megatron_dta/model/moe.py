@@ -28,6 +28,12 @@ def top_k_route(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(probs_TE, k, dim=-1).indices
 
 
+def _tp_layers():
+    from megatron.core.tensor_parallel import layers
+
+    return layers
+
+
 def _mappings():
     from megatron.core.tensor_parallel import mappings
 
@@ -75,6 +81,11 @@ class MoEMLP(nn.Module):
         self.router = empty(E, H)  # replicated: HF mlp.gate.weight
         self.fc1 = empty(self.e_local, 2 * Fx // tp, H)  # [gate r; up r] per local expert
         self.fc2 = empty(self.e_local, H, Fx // tp)
+        # megatron-core's marks: split over TP (the grad norm counts every TP rank's shard) and
+        # expert-parallel (``allreduce=False``: the norm also sums them over the EP group)
+        for p, dim in ((self.fc1, 1), (self.fc2, 2)):
+            _tp_layers().set_tensor_model_parallel_attributes(p, True, dim, 1)
+            p.allreduce = False
 
     def forward(self, x_TH: torch.Tensor, kv) -> torch.Tensor:
         # HF: logits in the model dtype, softmax in at least float32, gates back to the model dtype

@@ -20,6 +20,7 @@ from reference import hf_dense_step, make_hf_model
 from safetensors.torch import load_file, save_file
 from test_exactness import run_ours
 from test_parallel_parity import dump, load
+from test_train import cli, one_line_error
 
 from megatron_dta.devtools.parity import FLOAT64, compare
 from megatron_dta.engine import Engine, EngineConfig
@@ -257,3 +258,22 @@ def test_ep2_tp2_equals_ep1_float64(ep_setup, ep1):
     sparse mode: every mode equals the dense computation, so it equals the EP=1 dta dump too."""
     ep2tp2 = load(dump(ep_setup, "ep2tp2", "--mode", "sparse", "--ep", "2", "--tp", "2", nproc=4))
     assert compare(ep2tp2, ep1, FLOAT64) == []
+
+
+def test_train_cli_refuses_conflicting_routes_in_one_line(moe, tmp_path):
+    """At load time, before any step: exit 2, one line naming file, line, position and layer."""
+    _, path, _ = moe
+    write_rollouts(tmp_path / "r.jsonl", conflicting(tree_rollouts()))
+    proc = cli(
+        "train",
+        "--config",
+        "configs/demo_cpu.yaml",
+        "model.preset=null",
+        f"model.hf_checkpoint={path}",
+        "data.workload=null",
+        f"data.rollouts={tmp_path / 'r.jsonl'}",
+        f"checkpoint.run_dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert "r.jsonl:7: field 'routed_experts': position 4, MoE layer 1" in one_line_error(proc)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -24,7 +24,7 @@ from megatron_dta.engine.routing import (
     route_keys,
     routes_table,
 )
-from megatron_dta.errors import ConfigError
+from megatron_dta.errors import ConfigError, UserError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
 
@@ -116,16 +116,29 @@ class Engine:
             device,
         )
 
+    def check_rollouts(self, rollouts: list[Rollout]) -> None:
+        """Routing replay against the model (``routed_experts``: shapes, expert ids, conflicting
+        routes of shared tokens when engine.route_conflicts=refuse): the trainer calls it on the
+        whole data set when it is loaded, ``plan`` on every batch."""
+        replay = any(r.routed_experts is not None for r in rollouts)
+        if replay and not self.model.cfg.num_experts:
+            i = next(i for i, r in enumerate(rollouts) if r.routed_experts is not None)
+            raise UserError(
+                f"{rollouts[i].source or f'rollout {i}'}: field 'routed_experts': the model has no "
+                "mixture-of-experts layers to replay routes in"
+            )
+        if self.model.cfg.num_experts:
+            check_routes(rollouts, self.model.cfg)
+            if replay and self.cfg.route_conflicts == "refuse":
+                refuse_route_conflicts(rollouts)
+
     def plan(self, rollouts: list[Rollout]) -> Plan:
         if not rollouts:
             raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
         seqs, key_to_token = [r.input_ids for r in rollouts], None
-        if self.model.cfg.num_experts:
-            check_routes(rollouts, self.model.cfg)
-            if rollouts[0].routed_experts is not None and self.cfg.route_conflicts == "refuse":
-                refuse_route_conflicts(rollouts)
-            elif rollouts[0].routed_experts is not None:
-                seqs, key_to_token = route_keys(rollouts)
+        self.check_rollouts(rollouts)
+        if rollouts[0].routed_experts is not None and self.cfg.route_conflicts == "split":
+            seqs, key_to_token = route_keys(rollouts)
         plan = build_plan(
             self.cfg.mode,
             seqs,

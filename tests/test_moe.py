@@ -277,3 +277,17 @@ def test_train_cli_refuses_conflicting_routes_in_one_line(moe, tmp_path):
     )
     assert "r.jsonl:7: field 'routed_experts': position 4, MoE layer 1" in one_line_error(proc)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_pp2_with_moe_layers_equals_pp1_float64(single_process_world, tmp_path):
+    """PP=2 over 2 microbatches: each stage adds its MoE layers' load-balancing loss with the global
+    rollout count; the last stage reports the sum. 4 layers: MoE, dense, MoE, MoE."""
+    make_hf_model("qwen3_moe", seed=12, vocab=VOCAB, layers=3).save_pretrained(tmp_path / "ckpt")
+    write_rollouts(tmp_path / "rollouts.jsonl", tree_rollouts(3))
+    pp1_model = load_hf_checkpoint(tmp_path / "ckpt", single_process_world, torch.float64)[0]
+    pp1 = run_ours(pp1_model, tree_rollouts(3), "dta", block_size=3)[0]
+    pp2 = dump(
+        tmp_path, "pp2", "--mode", "dta", "--block-size", "3", "--pp", "2", "--microbatches", "2", nproc=2
+    )
+    assert compare(load(pp2), pp1, FLOAT64) == []

@@ -280,6 +280,16 @@ def test_train_cli_refuses_conflicting_routes_in_one_line(moe, tmp_path):
 
 
 @pytest.mark.slow
+def test_ep2_dp2_equals_ep1_float64(ep_setup, ep1):
+    """EP=2 x DP=2 in one 4-process run: the rollouts split over the expert-data-parallel group,
+    gradients all-reduced over it (experts per EP rank, dense parameters on all)."""
+    ep2dp2 = load(
+        dump(ep_setup, "ep2dp2", "--mode", "dta", "--block-size", "3", "--ep", "2", "--dp", "2", nproc=4)
+    )
+    assert compare(ep2dp2, ep1, FLOAT64) == []
+
+
+@pytest.mark.slow
 def test_pp2_with_moe_layers_equals_pp1_float64(single_process_world, tmp_path):
     """PP=2 over 2 microbatches: each stage adds its MoE layers' load-balancing loss with the global
     rollout count; the last stage reports the sum. 4 layers: MoE, dense, MoE, MoE."""

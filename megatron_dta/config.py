@@ -190,6 +190,11 @@ class Config:
                 f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
                 f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
             )
+        if self.parallel.ep > 1 and self.optimizer.backend != "torch":
+            raise ConfigError(
+                f"parallel.ep={self.parallel.ep} needs optimizer.backend=torch (its clipping norm sums the "
+                f"experts over EP ranks); optimizer.backend={self.optimizer.backend} supports parallel.ep=1"
+            )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"

@@ -301,3 +301,12 @@ def test_pp2_with_moe_layers_equals_pp1_float64(single_process_world, tmp_path):
         tmp_path, "pp2", "--mode", "dta", "--block-size", "3", "--pp", "2", "--microbatches", "2", nproc=2
     )
     assert compare(load(pp2), pp1, FLOAT64) == []
+
+
+def test_ep_needs_the_torch_optimizer():
+    from megatron_dta.config import Config
+    from megatron_dta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel.ep=2 needs optimizer.backend=torch"):
+        Config.from_yaml(None, ["parallel.ep=2", "optimizer.backend=deepspeed", "train.dtype=float32"])
+    assert Config.from_yaml(None, ["parallel.ep=2", "model.preset=tiny-moe"]).parallel.ep == 2

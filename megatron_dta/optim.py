@@ -176,10 +176,12 @@ class TorchOptimizer:
 
     def _file(self, directory: Path) -> Path:
         layout = self.layout
-        return directory / f"torch_tp{layout.tp_rank}{f'_pp{layout.pp_rank}' if layout.pp > 1 else ''}.pt"
+        pp = f"_pp{layout.pp_rank}" if layout.pp > 1 else ""
+        ep = f"_ep{layout.ep_rank}" if layout.ep > 1 else ""  # EP ranks hold different experts
+        return directory / f"torch_tp{layout.tp_rank}{pp}{ep}.pt"
 
     def save(self, directory: Path) -> None:
-        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP) rank writes them."""
+        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP, EP) rank writes them."""
         if self.layout.dp_rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(

@@ -108,6 +108,12 @@ class ParallelConfig:
     pp: int = field(
         default=1, metadata={"help": "pipeline stages (DFS pipeline schedule); divides model.num_layers"}
     )
+    ep: int = field(
+        default=1,
+        metadata={
+            "help": "expert-parallel degree (MoE): ranks sharing tokens, experts split; divides num_experts"
+        },
+    )
     microbatches_in_flight: int | None = field(
         default=None,
         metadata={"help": "pp > 1: microbatches a stage runs interleaved; null: 2 x pp (docs/pipeline.md)"},
@@ -128,6 +134,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.pp < 1:
             raise ConfigError(f"parallel.pp must be >= 1, got {self.pp}")
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
             raise ConfigError(
                 f"parallel.microbatches_in_flight must be >= 1 or null (pp), "
@@ -181,6 +189,11 @@ class Config:
             raise ConfigError(
                 f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
                 f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
+            )
+        if self.parallel.ep > 1 and self.optimizer.backend != "torch":
+            raise ConfigError(
+                f"parallel.ep={self.parallel.ep} needs optimizer.backend=torch (its clipping norm sums the "
+                f"experts over EP ranks); optimizer.backend={self.optimizer.backend} supports parallel.ep=1"
             )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(

@@ -14,7 +14,8 @@ in a bfloat16 ``p.grad``: ``torch`` and ``deepspeed`` attach ``MainGrads``, mega
 its own (``grad_reduce_in_fp32``). The DP all-reduce, the norm and the update read the main grads.
 The loss is already normalized by the global denominator, so gradients are *summed* over DP ranks.
 Invariant of the norm: a TP-sharded parameter counts once per TP rank (its shards are disjoint), a
-replicated one (norms) counts once in all, and DP replicas are not counted again; pipeline stages
+replicated one (norms) counts once in all, an expert (``allreduce=False``, split over EP ranks) once
+per EP rank, and DP replicas are not counted again; pipeline stages
 add their own layers, and a tied embedding split over the first and last stage counts once.
 """
 
@@ -102,10 +103,12 @@ def global_grad_norm(params: list[torch.Tensor], layout: ParallelLayout) -> floa
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     sq = torch.zeros((), dtype=torch.float64, device=layout.device)
+    sq_experts = torch.zeros((), dtype=torch.float64, device=layout.device)  # split over EP ranks too
     for p in params:
         g = grad_of(p)
         if g is not None and param_is_not_tensor_parallel_duplicate(p, layout.tp_group):
-            sq += g.detach().double().pow(2).sum()
+            (sq if getattr(p, "allreduce", True) else sq_experts).add_(g.detach().double().pow(2).sum())
+    sq += all_reduce_over(sq_experts, layout.ep_group)
     return math.sqrt(all_reduce_over(sq, layout.tp_group, layout.pp_group).item())
 
 
@@ -173,10 +176,12 @@ class TorchOptimizer:
 
     def _file(self, directory: Path) -> Path:
         layout = self.layout
-        return directory / f"torch_tp{layout.tp_rank}{f'_pp{layout.pp_rank}' if layout.pp > 1 else ''}.pt"
+        pp = f"_pp{layout.pp_rank}" if layout.pp > 1 else ""
+        ep = f"_ep{layout.ep_rank}" if layout.ep > 1 else ""  # EP ranks hold different experts
+        return directory / f"torch_tp{layout.tp_rank}{pp}{ep}.pt"
 
     def save(self, directory: Path) -> None:
-        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP) rank writes them."""
+        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP, EP) rank writes them."""
         if self.layout.dp_rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(

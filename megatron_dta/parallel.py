@@ -93,6 +93,10 @@ class ParallelLayout:
     rank: int  # global
     device: str = "cpu"
     microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
+    # expert parallelism: ranks that share their tokens (like TP) and split the experts (docs/moe.md)
+    ep: int = 1
+    ep_rank: int = 0
+    ep_group: ProcessGroup | None = None
 
     @classmethod
     def create(
@@ -102,23 +106,25 @@ class ParallelLayout:
         device: str | None = None,
         microbatches_in_flight: int | None = None,
         timeout_s: float = 600.0,
+        ep: int = 1,
     ) -> ParallelLayout:
-        """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
+        """Initialise distributed state; DP is whatever the world size leaves after TP x EP x PP."""
         from megatron.core import parallel_state as ps
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         init_distributed(device, timeout_s)
         world = dist.get_world_size()
-        if world % (tp * pp):
+        if world % (tp * pp * ep):
             raise ConfigError(
-                f"world size {world} is not divisible by tp x pp = {tp} x {pp}: "
-                f"launch with a multiple of {tp * pp} processes or change parallel.tp / parallel.pp"
+                f"world size {world} is not divisible by tp x ep x pp = {tp} x {ep} x {pp}: launch with a "
+                f"multiple of {tp * ep * pp} processes or change parallel.tp / parallel.ep / parallel.pp"
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             distributed_timeout_minutes=timeout_s / 60,  # its groups get the same deadline
         )
         return cls._from_parallel_state(device, microbatches_in_flight)
@@ -130,7 +136,10 @@ class ParallelLayout:
         groups = {
             "tp": ps.get_tensor_model_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
-            "dp": ps.get_data_parallel_group(),
+            # megatron's EP group is ep consecutive DP ranks; here they share their tokens, so data
+            # (and every gradient's all-reduce) is split over the expert-data-parallel group
+            "dp": ps.get_expert_data_parallel_group(),
+            "ep": ps.get_expert_model_parallel_group(),
         }
         return cls(
             **{dim: group.size() for dim, group in groups.items()},

@@ -45,7 +45,7 @@ from megatron_dta.engine import Engine, EngineConfig, StepResult
 from megatron_dta.engine.executor import ChunkKV, Executor
 from megatron_dta.engine.plan import Unit
 from megatron_dta.grads import grad_of
-from megatron_dta.parallel import ParallelLayout
+from megatron_dta.parallel import ParallelLayout, all_reduce_over
 
 
 @dataclass
@@ -298,11 +298,12 @@ def forward_backward_pipelining_dfs(
     drop-in compatibility and ignored: units carry their own shapes). ``layout`` plays the part
     of megatron's ``pg_collection``: the pipeline neighbours, the tied embedding's group, the device.
 
-    ``forward_step_func(data_iterator, model) -> (rollouts, loss, denominator)`` yields one
-    microbatch (a list of rollouts: a tree or subtree), its ``PolicyLoss`` and the global loss
-    normalizer; it is called ``num_microbatches`` times up front, since the schedule is computed
-    from all the microbatches' plans. ``microbatches_in_flight`` (default: the layout's, else twice
-    the number of stages) bounds the microbatches a stage has started and not finished. Gradients
+    ``forward_step_func(data_iterator, model) -> (rollouts, loss, denominator[, num_rollouts])``
+    yields one microbatch (a list of rollouts: a tree or subtree), its ``PolicyLoss``, the global
+    loss normalizer and (MoE) the global batch's rollout count; it is called ``num_microbatches``
+    times up front, since the schedule is computed from all the microbatches' plans.
+    ``microbatches_in_flight`` (default: the layout's, else twice the number of stages) bounds the
+    microbatches a stage has started and not finished. Gradients
     accumulate in ``model``'s parameters (tied embeddings summed across the first and last stage).
     Returns one ``StepResult`` per microbatch; logprobs, loss and stats are filled on the last stage
     only (zeros elsewhere), as in Megatron.
@@ -337,4 +338,18 @@ def forward_backward_pipelining_dfs(
         ex.flush()
     if not forward_only:
         sync_tied_embedding_grads(stage_model, layout.embedding_group, before)
+        _sum_aux_losses(stage_model, results, layout)
     return results
+
+
+def _sum_aux_losses(model, results, layout) -> None:
+    """Each stage computed the MoE load-balancing loss of its own layers: the last stage's results
+    get the sum over stages (their gradients are already in each stage's parameters)."""
+    if not model.cfg.num_experts:
+        return
+    own = torch.tensor([r.stats.get("aux_loss", 0.0) for r in results], dtype=torch.float64)
+    total = all_reduce_over(own.clone(), layout.pp_group)
+    if model.is_last:
+        for r, mine, all_stages in zip(results, own.tolist(), total.tolist()):
+            r.loss = r.loss + (all_stages - mine)
+            r.stats["aux_loss"] = all_stages

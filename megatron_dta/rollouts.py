@@ -2,7 +2,9 @@
 
 One rollout per line: ``input_ids`` (list of int in [0, vocab)), ``loss_mask`` (0/1, entry 0 must be
 0), ``advantages`` (a number or one per token), optional ``old_logprobs`` / ``ref_logprobs`` (one per
-token, entry 0 ignored) and optional ``group`` (any JSON scalar). Every record is validated while it
+token, entry 0 ignored), optional ``group`` (any JSON scalar) and, for MoE models, optional
+``routed_experts`` (per position, per MoE layer, the top-k expert ids the inference engine chose:
+routing replay, docs/moe.md). Every record is validated while it
 is read, so bad input is refused before any compute with one line naming file, line and field.
 Loading streams line by line: memory is the parsed rollouts, not a copy of the file.
 """
@@ -41,6 +43,8 @@ class Rollout:
     ref_logprobs: np.ndarray | None = None  # float64 [L], entry 0 ignored
     group: object = None
     extra: dict = field(default_factory=dict)  # unknown fields, written back unchanged
+    routed_experts: np.ndarray | None = None  # int64 [L, MoE layers, top_k]: routing replay
+    source: str | None = None  # "file:line" it was read from (error messages), not written back
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -57,6 +61,8 @@ class Rollout:
                 out[name] = value.tolist()
         if self.group is not None:
             out["group"] = self.group
+        if self.routed_experts is not None:
+            out["routed_experts"] = self.routed_experts.tolist()
         return out
 
 
@@ -69,6 +75,8 @@ def make_rollout(input_ids, loss_mask=None, advantages=1.0, **kw) -> Rollout:
     for name in OPTIONAL_LOGPROB_FIELDS:
         if kw.get(name) is not None:
             kw[name] = np.asarray(kw[name], dtype=np.float64)
+    if kw.get("routed_experts") is not None:
+        kw["routed_experts"] = np.asarray(kw["routed_experts"], dtype=np.int64)
     return Rollout(ids, mask, adv, **kw)
 
 
@@ -100,6 +108,28 @@ def _float_list(values, length: int, fail) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         fail(f"NaN or infinite value at index {int(np.flatnonzero(~np.isfinite(arr))[0])}")
     return arr
+
+
+def _routes(values, length: int, fail) -> np.ndarray:
+    """``routed_experts``: [length][MoE layers][top_k] distinct non-negative expert ids per token."""
+    shape_hint = "expected [len(input_ids)][MoE layers][top_k] integer expert ids"
+    if not isinstance(values, list) or len(values) != length:
+        fail(f"{shape_hint}: one entry per token ({length})")
+    try:
+        arr = np.asarray(values)
+    except (ValueError, OverflowError):
+        fail(f"{shape_hint} (a rectangular nested list)")
+    if arr.ndim != 3 or arr.dtype.kind not in "iu" or arr.shape[1] == 0 or arr.shape[2] == 0:
+        fail(f"{shape_hint} (a rectangular nested list)")
+    if (arr < 0).any():
+        j, m, _ = np.argwhere(arr < 0)[0]
+        fail(f"negative expert id at position {j}, MoE layer {m}")
+    same = np.sort(arr, axis=-1)
+    dup = (same[..., 1:] == same[..., :-1]).any(-1)
+    if dup.any():
+        j, m = np.argwhere(dup)[0]
+        fail(f"repeated expert id at position {j}, MoE layer {m}: a token's experts must be distinct")
+    return arr.astype(np.int64)
 
 
 def _all_finite(value) -> bool:
@@ -179,12 +209,19 @@ def parse_rollout(
     if isinstance(group, float) and not math.isfinite(group):
         fail("group", "NaN or infinite value")
 
-    known = {"input_ids", "loss_mask", "advantages", "group", *OPTIONAL_LOGPROB_FIELDS}
+    if record.get("routed_experts") is not None:
+        optional["routed_experts"] = _routes(
+            record["routed_experts"], length, lambda p: fail("routed_experts", p)
+        )
+
+    known = {"input_ids", "loss_mask", "advantages", "group", "routed_experts", *OPTIONAL_LOGPROB_FIELDS}
     extra = {k: v for k, v in record.items() if k not in known}
     for name, value in extra.items():
         if not _all_finite(value):
             fail(name, "NaN or infinite value")
-    return Rollout(input_ids, loss_mask, advantages, group=group, extra=extra, **optional)
+    return Rollout(
+        input_ids, loss_mask, advantages, group=group, extra=extra, source=f"{path}:{line}", **optional
+    )
 
 
 def iter_rollouts(path: str | Path, vocab_size: int | None = None) -> Iterator[Rollout]:

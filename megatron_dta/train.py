@@ -69,6 +69,14 @@ _SUMS = (
 )
 
 
+def _sum_keys(model_cfg) -> tuple[str, ...]:
+    """_SUMS, and an MoE model's aux loss and per-layer expert load (engine/routing.py)."""
+    if not model_cfg.num_experts:
+        return _SUMS
+    loads = [f"moe_load_{s}.{m}" for m in range(len(model_cfg.moe_layers)) for s in ("max", "mean")]
+    return (*_SUMS, "aux_loss", *loads)
+
+
 class TrainingDiverged(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -97,6 +105,7 @@ def create_layout(cfg: Config) -> ParallelLayout:
         device=device,
         microbatches_in_flight=cfg.parallel.microbatches_in_flight,
         timeout_s=cfg.parallel.timeout_s,
+        ep=cfg.parallel.ep,
     )
 
 
@@ -193,15 +202,17 @@ def run_microbatches(
     loss_fn=None,
     denominator: float | None = None,
     forward_only: bool = False,
+    num_rollouts: int | None = None,
 ) -> list[StepResult]:
     """The engine over this rank's microbatches (gradients accumulate): one after another, or through
-    the DFS pipeline schedule when pp > 1, whose results are filled on the last stage only."""
+    the DFS pipeline schedule when pp > 1, whose results are filled on the last stage only.
+    ``num_rollouts``: the global batch's, for the MoE load-balancing loss."""
     if layout.pp == 1:
         if forward_only:
             return [engine.logprobs(rollouts) for rollouts in micro]
-        return [engine.forward_backward(rollouts, loss_fn, denominator) for rollouts in micro]
+        return [engine.forward_backward(rollouts, loss_fn, denominator, num_rollouts) for rollouts in micro]
     return forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator, num_rollouts),
         data_iterator=iter(micro),
         model=engine.model,
         num_microbatches=len(micro),
@@ -273,14 +284,15 @@ def train_step(
             loss_fn.local_denominator([r for mb in micro for r in mb]), layout.dp_group
         )
 
-    sums = dict.fromkeys(_SUMS, 0.0)
+    keys = _sum_keys(engine.model.cfg)
+    sums = dict.fromkeys(keys, 0.0)
     optimizer.zero_grad()
     compute_start = time.perf_counter()
     with collective(
         step, "the forward/backward pass (pipeline sends/receives, DP gradient reduction)", timeout
     ):
         with optimizer.accumulate():
-            results = run_microbatches(engine, layout, micro, loss_fn, denominator)
+            results = run_microbatches(engine, layout, micro, loss_fn, denominator, num_rollouts=len(batch))
             # this rank's forward+backward time, before any collective that waits for the slowest rank
             compute = time.perf_counter() - compute_start
             finite = grads_finite(engine.model)  # before any reduction mixes the ranks' gradients
@@ -306,10 +318,10 @@ def train_step(
 
     with collective(step, "the all-reduce of the step's metrics", timeout):
         totals = all_reduce_over(
-            torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64), layout.dp_group, layout.pp_group
+            torch.tensor([sums[k] for k in keys], dtype=torch.float64), layout.dp_group, layout.pp_group
         )
         peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
-    g = dict(zip(_SUMS, totals.tolist()))
+    g = dict(zip(keys, totals.tolist()))
     seconds = time.perf_counter() - start
     return _record(
         step, g, plan, lr, grad_norm, seconds, peak, (compute_max, compute_min), "non-finite" if bad else None
@@ -341,6 +353,20 @@ def _record(step, g: dict, plan, lr, grad_norm, seconds, peak, compute, skipped)
         "rank_compute_seconds_min": compute[1],
         "predicted_imbalance": plan.imbalance,
         "skipped": skipped,  # None, "empty" (no trained token) or "non-finite" (loss or gradient)
+    } | _moe_record(g)
+
+
+def _moe_record(g: dict) -> dict:
+    """An MoE model's metrics: the load-balancing loss, and per MoE layer the expert load's max over
+    mean (tokens per expert, microbatches' values summed; 1.0 is perfectly balanced)."""
+    if "aux_loss" not in g:
+        return {}
+    layers = sorted({int(k.rsplit(".", 1)[1]) for k in g if k.startswith("moe_load_max.")})
+    return {
+        "aux_loss": g["aux_loss"],
+        "moe_load_max_over_mean": [
+            g[f"moe_load_max.{m}"] / max(g[f"moe_load_mean.{m}"], 1e-30) for m in layers
+        ],
     }
 
 
@@ -358,6 +384,7 @@ def resume_fingerprint(cfg: Config, model: Transformer, num_rollouts: int | None
     fingerprint |= {
         "parallel.tp": cfg.parallel.tp,
         "parallel.pp": cfg.parallel.pp,
+        "parallel.ep": cfg.parallel.ep,
         "world size": dist.get_world_size(),
         "train.dtype": cfg.train.dtype,
         "optimizer.backend": cfg.optimizer.backend,

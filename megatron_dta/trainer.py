@@ -185,6 +185,7 @@ class Trainer:
             )
         else:
             self._source = TrainData(cfg.data, self.vocab_size)
+            self.engine.check_rollouts(self._source.rollouts)  # MoE routing replay, at load time
             self.checkpointer.set_fingerprint(resume_fingerprint(cfg, self.model, len(self._source.rollouts)))
         if resume and self.load() is not None and restart:
             say(layout, f"(restart {restart} of this job)")

@@ -431,7 +431,10 @@ def test_config_errors_name_the_source_the_key_and_the_fix(tmp_path):
         (["optimizer.betas=[0.9]"], "optimizer.betas: expected a list of 2 values"),
         (["loss.normalization=mean"], "loss.normalization 'mean' must be one of"),
         (["engine.mode=fast"], "engine.mode 'fast' must be one of"),
-        (["model.arch.hidden=3"], "unknown key model.arch.hidden; valid keys: head_dim, hidden_size"),
+        (
+            ["model.arch.hidden=3"],
+            "unknown key model.arch.hidden; valid keys: decoder_sparse_step, head_dim, hidden_size",
+        ),
         (["data.workload=nope"], "data.workload 'nope' is unknown; choose one of"),
         (["data.workload=null"], "set exactly one of data.rollouts"),
         (

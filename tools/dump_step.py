@@ -2,7 +2,7 @@
 
     python tools/dump_step.py --hf-checkpoint DIR --rollouts FILE.jsonl --mode {dense,sparse,dta}
         --dtype {float32,float64} --out OUT.pt [--block-size N] [--tp N] [--pp N] [--dp N]
-        [--microbatches M] [--microbatches-in-flight K] [--activation-budget TOKENS]
+        [--microbatches M] [--microbatches-in-flight K] [--activation-budget TOKENS] [--ep N]
     torchrun --nproc-per-node 2 tools/dump_step.py ... --tp 2
     torchrun --nproc-per-node 2 tools/dump_step.py ... --pp 2 [--microbatches M]
     python tools/dump_step.py --assert-equal-to OTHER.pt --out OUT.pt   (compare two dumps)
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     ap.add_argument("--block-size", type=int, default=2048, help="dta: max tokens per unit (chunk size)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (DFS pipeline schedule)")
     ap.add_argument("--microbatches", type=int, default=1, help="pp > 1: microbatches per rank")
     ap.add_argument(
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
             args.microbatches,
             args.activation_budget,
             args.microbatches_in_flight,
+            args.ep,
         )
         if dump is not None:
             torch.save(dump, args.out)

@@ -97,13 +97,15 @@ def dump_step(
     microbatches=1,
     activation_budget=1 << 20,
     microbatches_in_flight=None,
+    ep=1,
 ):
     """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
     DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
-    layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight)
+    layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight, ep=ep)
     if dp is not None and dp != layout.dp:
         raise UserError(
-            f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x pp {pp}) = {layout.dp}"
+            f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x ep {ep} x pp {pp}) = "
+            f"{layout.dp}"
         )
     model, _ = load_hf_checkpoint(hf_dir, layout, TORCH_DTYPES[dtype])
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
@@ -117,9 +119,12 @@ def dump_step(
     denominator = all_reduce_scalar(loss_fn.local_denominator(local), layout.dp_group)
     engine_cfg = EngineConfig(mode=mode, block_size=block_size, activation_budget_tokens=activation_budget)
     if pp == 1:
-        result = Engine(model, engine_cfg, device=layout.device).forward_backward(local, loss_fn, denominator)
+        engine = Engine(model, engine_cfg, device=layout.device)
+        result = engine.forward_backward(local, loss_fn, denominator, num_rollouts=len(rollouts))
     else:
-        result = _pipeline_step(model, engine_cfg, local, loss_fn, denominator, microbatches, layout)
+        result = _pipeline_step(
+            model, engine_cfg, local, (loss_fn, denominator, len(rollouts)), microbatches, layout
+        )
     all_reduce_grads(model, layout.dp_group)
     loss = all_reduce_scalar(result.loss.item(), layout.dp_group)
     grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
@@ -141,14 +146,15 @@ def dump_step(
     }
 
 
-def _pipeline_step(model, engine_cfg, rollouts, loss_fn, denominator, microbatches, layout):
-    """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage."""
+def _pipeline_step(model, engine_cfg, rollouts, loss_args, microbatches, layout):
+    """One step through the DFS pipeline; the last stage's loss and logprobs reach every stage.
+    ``loss_args``: (loss, global denominator, global rollout count) of every microbatch."""
     from megatron_dta.pipeline import forward_backward_pipelining_dfs
 
     bounds = [len(rollouts) * i // microbatches for i in range(microbatches + 1)]
     parts = [rollouts[a:b] for a, b in pairwise(bounds) if b > a]
     results = forward_backward_pipelining_dfs(
-        forward_step_func=lambda it, _model: (next(it), loss_fn, denominator),
+        forward_step_func=lambda it, _model: (next(it), *loss_args),
         data_iterator=iter(parts),
         model=model,
         num_microbatches=len(parts),

@@ -16,9 +16,19 @@ import torch
 from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
-from megatron_dta.errors import ConfigError
+from megatron_dta.engine.routing import (
+    MoEState,
+    check_routes,
+    refuse_route_conflicts,
+    relabel_tokens,
+    route_keys,
+    routes_table,
+)
+from megatron_dta.errors import ConfigError, UserError
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.rollouts import Rollout
+
+ROUTE_CONFLICTS = ("refuse", "split")
 
 __all__ = ["MODES", "Engine", "EngineConfig", "Plan", "StepResult"]
 
@@ -62,7 +72,22 @@ class EngineConfig:
         },
     )
 
+    route_conflicts: str = field(
+        default="refuse",
+        metadata={
+            "help": (
+                "MoE routing replay, rollouts sharing tokens with different routed_experts: refuse (one "
+                "line naming file, line, position and layer) or split (separate copies from the first "
+                "conflicting token)"
+            )
+        },
+    )
+
     def __post_init__(self):
+        if self.route_conflicts not in ROUTE_CONFLICTS:
+            raise ConfigError(
+                f"engine.route_conflicts '{self.route_conflicts}' must be one of {ROUTE_CONFLICTS}"
+            )
         if self.mode not in MODES:
             raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
@@ -91,11 +116,30 @@ class Engine:
             device,
         )
 
+    def check_rollouts(self, rollouts: list[Rollout]) -> None:
+        """Routing replay against the model (``routed_experts``: shapes, expert ids, conflicting
+        routes of shared tokens when engine.route_conflicts=refuse): the trainer calls it on the
+        whole data set when it is loaded, ``plan`` on every batch."""
+        replay = any(r.routed_experts is not None for r in rollouts)
+        if replay and not self.model.cfg.num_experts:
+            i = next(i for i, r in enumerate(rollouts) if r.routed_experts is not None)
+            raise UserError(
+                f"{rollouts[i].source or f'rollout {i}'}: field 'routed_experts': the model has no "
+                "mixture-of-experts layers to replay routes in"
+            )
+        if self.model.cfg.num_experts:
+            check_routes(rollouts, self.model.cfg)
+            if replay and self.cfg.route_conflicts == "refuse":
+                refuse_route_conflicts(rollouts)
+
     def plan(self, rollouts: list[Rollout]) -> Plan:
         if not rollouts:
             raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
-        seqs = [r.input_ids for r in rollouts]
-        return build_plan(
+        seqs, key_to_token = [r.input_ids for r in rollouts], None
+        self.check_rollouts(rollouts)
+        if rollouts[0].routed_experts is not None and self.cfg.route_conflicts == "split":
+            seqs, key_to_token = route_keys(rollouts)
+        plan = build_plan(
             self.cfg.mode,
             seqs,
             seq_offsets_of([len(s) for s in seqs]),
@@ -103,24 +147,34 @@ class Engine:
             self.cfg.max_tokens_per_microbatch,
             self.cfg.pack_tokens,
         )
+        if key_to_token is not None:
+            relabel_tokens(plan, key_to_token)
+        return plan
 
     def start(
         self,
         rollouts: list[Rollout],
         loss: PolicyLoss | None = None,
         denominator: float | None = None,
+        num_rollouts: int | None = None,
         forward_only: bool = False,
     ) -> EngineRun:
         """Plan ``rollouts`` and return a run whose ``events`` generator performs one unit event
         (forward or backward) per ``next()``; ``finish`` turns it into a ``StepResult``. Several
-        runs may be alive at once (the pipeline schedule interleaves microbatches this way)."""
+        runs may be alive at once (the pipeline schedule interleaves microbatches this way).
+        ``num_rollouts``: rollouts of the global batch, which the MoE load-balancing loss averages
+        over (default: this batch's)."""
         plan = self.plan(rollouts)
         if forward_only:
             table, loss = {"mask": torch.zeros(sum(len(r) for r in rollouts), dtype=torch.float64)}, None
         else:
             loss = loss or PolicyLoss()
             table = loss.token_table(rollouts, denominator)
-        return EngineRun(rollouts, plan, self.executor.start(plan, table, loss, forward_only))
+        moe = None
+        if self.model.cfg.num_experts:
+            lengths = [len(r) for r in rollouts]
+            moe = MoEState.create(self.model.cfg, lengths, num_rollouts, routes_table(rollouts), self.device)
+        return EngineRun(rollouts, plan, self.executor.start(plan, table, loss, forward_only, moe))
 
     def finish(self, run: EngineRun) -> StepResult:
         out = self.executor.finish(run.state)
@@ -135,7 +189,11 @@ class Engine:
         return self.finish(run)
 
     def forward_backward(
-        self, rollouts: list[Rollout], loss: PolicyLoss | None = None, denominator: float | None = None
+        self,
+        rollouts: list[Rollout],
+        loss: PolicyLoss | None = None,
+        denominator: float | None = None,
+        num_rollouts: int | None = None,
     ) -> StepResult:
         """Loss over ``rollouts``; gradients accumulate into the parameters' ``.grad`` (or their float32
         ``main_grad`` while an optimizer attaches them: ``grads.py``).
@@ -143,7 +201,7 @@ class Engine:
         ``denominator`` is the loss normalizer over the *global* batch (all ranks and microbatches);
         by default this batch's own.
         """
-        return self._drain(self.start(rollouts, loss, denominator))
+        return self._drain(self.start(rollouts, loss, denominator, num_rollouts=num_rollouts))
 
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> StepResult:

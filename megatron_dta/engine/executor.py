@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_dta.engine.plan import Plan, Unit
+from megatron_dta.engine.routing import MoEState, UnitRouter
+from megatron_dta.model.moe import top_k_route
 
 
 class _GatherRows(torch.autograd.Function):
@@ -42,11 +44,17 @@ class _GatherRows(torch.autograd.Function):
 class ChunkKV:
     """KVContext of one unit: prefix K/V from the stack, own K/V recorded for the children."""
 
-    def __init__(self, attention, spec, prefix_k=None, prefix_v=None, record: bool = False):
+    def __init__(self, attention, spec, prefix_k=None, prefix_v=None, record: bool = False, router=None):
         self.attention, self.spec = attention, spec
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
         self.record = record
         self.own_k, self.own_v = {}, {}
+        self.router = router  # UnitRouter of an MoE model
+
+    def route(self, moe_index, probs_TE, top_k):
+        if self.router is None:
+            return top_k_route(probs_TE, top_k)
+        return self.router.route(moe_index, probs_TE, top_k)
 
     def attend(self, layer, q_TND, k_TKD, v_TKD):
         if self.record:
@@ -79,6 +87,7 @@ class Run:
     kept: int = 0  # tokens whose graph is kept on this run's DFS path
     stacks: tuple | None = None
     events: object = None  # generator: each next() performs one event and yields (unit, is_backward)
+    moe: MoEState | None = None  # routing counts of an MoE model (engine/routing.py)
 
 
 class Executor:
@@ -104,7 +113,9 @@ class Executor:
 
         return mk(m.dtype), mk(m.dtype), mk(gdtype), mk(gdtype)
 
-    def start(self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False) -> Run:
+    def start(
+        self, plan: Plan, table: dict, loss_fn=None, forward_only: bool = False, moe: MoEState | None = None
+    ) -> Run:
         """A run of the plan: forward (+ backward unless ``forward_only``) of every unit, gradients
         accumulating in the parameters. Its ``events`` perform the plan's events
         (``plan.events(forward_only)``) one per ``next()``; nothing is computed or allocated before
@@ -118,6 +129,7 @@ class Executor:
             loss_fn,
             forward_only,
             StepOutput(zeros(), zeros(n_flat), zeros(n_flat)),
+            moe=moe,
         )
         r.events = self._traverse(r)
         return r
@@ -125,6 +137,8 @@ class Executor:
     def finish(self, r: Run) -> StepOutput:
         out = r.out
         out.loss, out.logprobs, out.entropy = out.loss.cpu(), out.logprobs.cpu(), out.entropy.cpu()
+        if r.moe is not None:
+            out.stats.update(r.moe.stats())
         out.stats = {k: float(v) for k, v in out.stats.items()}
         return out
 
@@ -157,12 +171,15 @@ class Executor:
     def _forward(self, r: Run, unit: Unit, grad: bool, with_loss: bool, saved: ChunkKV | None = None):
         """``saved``: the context of the unit's first, no-grad pass when it is recomputed."""
         pk, pv = self._prefix_leaves(r, unit, grad)
-        ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children)
+        router = None if r.moe is None else UnitRouter.of_unit(r.moe, unit, self.device)
+        ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children, router=router)
         loss = None
         with torch.set_grad_enabled(grad):
             hidden_TH = self._run_model(unit, ctx, saved)
             if with_loss and self._has_loss and len(unit.pair_target):
                 loss = self._unit_loss(r, unit, hidden_TH)
+        if router is not None and saved is None:  # a recomputation routes the same tokens again
+            router.count()
         return ctx, loss, pk, pv
 
     # hooks a pipeline stage overrides (megatron_dta/pipeline.py)
@@ -274,10 +291,21 @@ class Executor:
         else:
             r.kept -= unit.num_tokens
         tensors, grads = self._backward_roots(unit, ctx, loss)
+        if ctx.router is not None:
+            self._add_aux_loss(r, ctx.router, tensors, grads)
         self._autograd(tensors, grads, ctx, dkv)
         self._after_backward(unit, ctx)
         self._add_prefix_grads(r, unit, pk, pv)
         unit.spec.cache.clear()  # the unit is done: drop its prepared masks
+
+    @staticmethod
+    def _add_aux_loss(r: Run, router: UnitRouter, tensors, grads) -> None:
+        """The load-balancing loss of the unit's tokens joins its backward (engine/routing.py)."""
+        aux_tensors, aux_grads, value = router.aux_roots()
+        tensors += aux_tensors
+        grads += aux_grads
+        r.out.loss += value
+        r.out.stats["aux_loss"] = r.out.stats.get("aux_loss", 0.0) + value
 
     @staticmethod
     def _autograd(tensors, grads, ctx, dkv):

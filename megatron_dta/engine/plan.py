@@ -40,6 +40,11 @@ class Unit:
     elem_flat: torch.Tensor  # [elems] index into the flat per-token tables (seq_offset + position)
     seg_pos: list[int] = field(default_factory=list)  # position id of each segment's first token
     seg_chain: list[list[int]] = field(default_factory=list)  # in-unit ancestors of each segment, itself last
+    # every (rollout, position) of the unit's tokens once, position 0 and the last included (MoE
+    # routing counts): the row, the rollout's index in the batch, the flat index seq_offset + position
+    tok_row: torch.Tensor | None = None
+    tok_seq: torch.Tensor | None = None
+    tok_flat: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +90,7 @@ class _UnitBuilder:
         f = self.f
         ids, pos, bounds, seg_pos = [], [], [], []
         pair_h, pair_t, elem_p, elem_f = [], [], [], []
+        tok_r, tok_s, tok_f = [], [], []
         n_pairs = start = 0
 
         def add_pairs(hidden_rows, targets, positions, seqs):
@@ -107,6 +113,10 @@ class _UnitBuilder:
             pos.append(np.arange(node.offset + c, node.offset + c + length))
             bounds.append((start, length))
             seg_pos.append(node.offset + c)
+            seqs = self.seq_map[np.asarray(node.sequences)]
+            tok_r.append(np.tile(start + np.arange(length), len(seqs)))
+            tok_s.append(np.repeat(seqs, length))
+            tok_f.append((self.seq_offsets[seqs][:, None] + pos[-1][None, :]).ravel())
             inner = np.arange(length - 1)
             add_pairs(start + inner, toks[1:], node.offset + c + 1 + inner, node.sequences)
             last = start + length - 1
@@ -146,6 +156,9 @@ class _UnitBuilder:
             cat(elem_f),
             seg_pos,
             [[i] for i in range(len(bounds))],
+            cat(tok_r),
+            cat(tok_s),
+            cat(tok_f),
         )
 
 

@@ -4,6 +4,11 @@ One table, ``param_map``, says for each of our parameters which HF tensors it is
 which dimension they are split over TP ranks; loading shards with it, gathering (weights for export,
 gradients for parity dumps) inverts it. Fused tensors hold each rank's slice of every part:
 qkv = [q heads of rank r; k heads of rank r; v heads of rank r], gate_up = [gate r; up r].
+Qwen3-MoE experts use transformers 5's in-memory names (``mlp.experts.gate_up_proj`` [E, 2F, H],
+``mlp.experts.down_proj`` [E, H, F], fused): ``read_hf_dir`` fuses the per-expert tensors of Hub
+checkpoints (``mlp.experts.{e}.gate_proj.weight`` ...) into them and ``save_hf_checkpoint`` writes
+them back per expert, unless the source stored them fused; expert tensors are split over EP ranks
+along the expert dim before the TP split.
 Anything the model cannot represent exactly is refused, never silently mis-loaded.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,8 +32,8 @@ from megatron_dta.parallel import ParallelLayout
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """ModelConfig from an HF config dict; refuses what the model would get wrong."""
     mt = hf.get("model_type")
-    if mt not in ("llama", "qwen2", "qwen3"):
-        raise CheckpointError(f"{where}: model_type '{mt}' is not supported (llama, qwen2, qwen3)")
+    if mt not in ("llama", "qwen2", "qwen3", "qwen3_moe"):
+        raise CheckpointError(f"{where}: model_type '{mt}' is not supported (llama, qwen2, qwen3, qwen3_moe)")
 
     def refuse(cond, what):
         if cond:
@@ -38,9 +44,15 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         "sliding-window attention",
     )
     refuse(
-        any(k in hf and hf[k] for k in ("num_experts", "num_local_experts", "moe_intermediate_size")),
-        "mixture of experts",
+        mt != "qwen3_moe"
+        and any(k in hf and hf[k] for k in ("num_experts", "num_local_experts", "moe_intermediate_size")),
+        f"mixture of experts in model_type '{mt}' (only qwen3_moe)",
     )
+    refuse(
+        any(hf.get(k) for k in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")),
+        "shared experts",
+    )
+    refuse(hf.get("scoring_func", "softmax") != "softmax", f"router scoring_func '{hf.get('scoring_func')}'")
     refuse(hf.get("hidden_act", "silu") != "silu", f"hidden_act '{hf.get('hidden_act')}'")
     refuse(hf.get("mlp_bias"), "mlp_bias")
     rope = dict(hf.get("rope_parameters") or {})
@@ -61,15 +73,37 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope_theta=float(theta),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias", False)),
-        qk_norm=(mt == "qwen3"),
+        qk_norm=mt in ("qwen3", "qwen3_moe"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **(_moe_from_hf(hf) if mt == "qwen3_moe" else {}),
     )
 
 
+MOE_HF_KEYS = (
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+)
+
+
+def _moe_from_hf(hf: dict) -> dict:
+    """ModelConfig MoE fields of a qwen3_moe config (transformers 5 writes num_local_experts)."""
+    out = {"num_experts": hf.get("num_experts") or hf.get("num_local_experts")}
+    out.update({k: hf[k] for k in MOE_HF_KEYS if hf.get(k) is not None})
+    out["mlp_only_layers"] = list(out.get("mlp_only_layers", []))
+    return out
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
-        cfg.model_type
-    ]
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    }[cfg.model_type]
     out = {
         "architectures": [arch],
         "model_type": cfg.model_type,
@@ -89,6 +123,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "dtype": dtype,
         "attention_bias": cfg.qkv_bias,
     }
+    if cfg.num_experts:
+        out["num_experts"] = cfg.num_experts
+        out.update({k: getattr(cfg, k) for k in MOE_HF_KEYS})
     return out
 
 
@@ -106,9 +143,18 @@ def param_map(cfg: ModelConfig, stage: tuple[int, int] = (0, 1)) -> list[tuple[s
             (us + "qkv.weight", [attn + p + "_proj.weight" for p in "qkv"], 0),
             (us + "o_proj.weight", [attn + "o_proj.weight"], 1),
             (us + "post_norm.weight", [hf + "post_attention_layernorm.weight"], None),
-            (us + "gate_up.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], 0),
-            (us + "down.weight", [hf + "mlp.down_proj.weight"], 1),
         ]
+        if cfg.is_moe_layer(pp_rank * n_local + j):  # expert tensors: EP split on dim 0 first
+            rows += [
+                (us + "moe.router", [hf + "mlp.gate.weight"], None),
+                (us + "moe.fc1", [hf + "mlp.experts.gate_up_proj"], 1),
+                (us + "moe.fc2", [hf + "mlp.experts.down_proj"], 2),
+            ]
+        else:
+            rows += [
+                (us + "gate_up.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], 0),
+                (us + "down.weight", [hf + "mlp.down_proj.weight"], 1),
+            ]
         if cfg.qkv_bias:
             rows.append((us + "qkv.bias", [attn + p + "_proj.bias" for p in "qkv"], 0))
         if cfg.qk_norm:
@@ -157,9 +203,64 @@ def _part_sizes(cfg: ModelConfig, hf_names: list[str], padded_vocab: int) -> lis
             sizes.append(cfg.num_kv_heads * cfg.head_dim)
         elif "o_proj" in n:
             sizes.append(cfg.num_heads * cfg.head_dim)
+        elif "experts" in n:
+            sizes.append(cfg.moe_intermediate_size)
         else:
             sizes.append(cfg.intermediate_size)
     return sizes
+
+
+def _is_experts(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _split_parts(hf_names: list[str], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A fused gate_up_proj [E, 2F, H] is two parts (gate, up) for the TP split, like gate_up."""
+    if hf_names[0].endswith("experts.gate_up_proj"):
+        return list(parts[0].chunk(2, dim=1))
+    return parts
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Per-expert tensors (Hub layout) -> transformers 5's fused ``gate_up_proj`` / ``down_proj``."""
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, t in tensors.items():
+        m = _PER_EXPERT.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            found.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+    for prefix, experts in found.items():
+        n = max(experts) + 1
+        for e in range(n):
+            missing = {"gate_proj", "up_proj", "down_proj"} - set(experts.get(e, {}))
+            if missing:
+                raise CheckpointError(f"{where}: tensor '{prefix}.{e}.{min(missing)}.weight' is missing")
+        out[prefix + ".gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in range(n)]
+        )
+        out[prefix + ".down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
+    return out
+
+
+def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``fuse_experts``: the per-expert tensors Hub checkpoints store."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, (gate, up) in enumerate(x.chunk(2) for x in t):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith(".mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            out.update({f"{prefix}{e}.down_proj.weight": x for e, x in enumerate(t)})
+        else:
+            out[name] = t
+    return out
 
 
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -182,7 +283,7 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensors[k] = sf.get_tensor(k)
-    return hf_cfg, tensors
+    return hf_cfg, fuse_experts(tensors, str(path))
 
 
 @torch.no_grad()
@@ -198,7 +299,9 @@ def load_hf_into(
         parts = [tensors[n] for n in hf_names]
         if ours in ("embed.weight", "lm_head.weight"):
             parts = [_pad_vocab(p, model.padded_vocab) for p in parts]
-        local = shard(parts, dim, tp, tp_rank)
+        if _is_experts(hf_names[0]):
+            parts = [p.chunk(model.ep)[model.ep_rank] for p in parts]
+        local = shard(_split_parts(hf_names, parts), dim, tp, tp_rank)
         if local.shape != params[ours].shape:
             raise CheckpointError(
                 f"{where}: '{hf_names[0]}' has shape {tuple(parts[0].shape)}, "
@@ -240,7 +343,11 @@ def gather_hf(model, which: str = "param", group=None, pp_group=None) -> dict[st
             dist.all_gather(shards, t.contiguous(), group=group)
         else:
             shards = [t]
-        full = unshard(shards, _part_sizes(cfg, hf_names, model.padded_vocab), dim)
+        fused = hf_names[0].endswith("experts.gate_up_proj")
+        sizes = _part_sizes(cfg, hf_names * 2 if fused else hf_names, model.padded_vocab)
+        full = unshard(shards, sizes, dim)
+        if _is_experts(hf_names[0]):
+            full = [_gather_experts(torch.cat(full, dim=1), model.ep_group)]
         for name, tensor in zip(hf_names, full):
             if "embed_tokens" in name or name == "lm_head.weight":
                 tensor = tensor[: cfg.vocab_size]
@@ -250,6 +357,15 @@ def gather_hf(model, which: str = "param", group=None, pp_group=None) -> dict[st
         dist.all_gather_object(stages, out, group=pp_group)
         out = {k: v for part in stages for k, v in part.items()}
     return out
+
+
+def _gather_experts(local: torch.Tensor, ep_group) -> torch.Tensor:
+    """All experts [E, ...] from each EP rank's contiguous slice [E_local, ...]."""
+    if ep_group is None or ep_group.size() == 1:
+        return local
+    slices = [torch.empty_like(local) for _ in range(ep_group.size())]
+    dist.all_gather(slices, local.contiguous(), group=ep_group)
+    return torch.cat(slices)
 
 
 def save_hf_checkpoint(
@@ -263,6 +379,8 @@ def save_hf_checkpoint(
     file, as in model.safetensors.index.json) reproduces a sharded layout."""
     from safetensors.torch import save_file
 
+    if not any(n.endswith(".mlp.experts.gate_up_proj") for n in weight_map or {}):
+        tensors = unfuse_experts(tensors)  # the Hub layout, unless the source stored experts fused
     out_dir = Path(out_dir)
     dtype = dtype or hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
     tdtype = TORCH_DTYPES.get(dtype, torch.float32)

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama / Qwen2 / Qwen3) on megatron-core tensor-parallel layers.
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 / Qwen3-MoE) on megatron-core tensor-parallel layers.
 
 The model knows nothing about trees. Tokens arrive flattened as one row ``[T]`` with their
 position ids; attention hands (q, k, v) of layer ``i`` to ``kv.attend(i, q, k, v)`` and gets the
@@ -23,6 +23,7 @@ from torch import nn
 from megatron_dta.errors import ConfigError
 from megatron_dta.model.config import ModelConfig
 from megatron_dta.model.lm_head import fused_logprob_entropy
+from megatron_dta.model.moe import MoEMLP
 from megatron_dta.parallel import ParallelLayout
 
 # megatron-core 0.16's RowParallelLinear passes tp_group=None to its own linear function even when
@@ -35,6 +36,9 @@ class KVContext(Protocol):
         self, layer: int, q_TND: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
     ) -> torch.Tensor:
         """Attention output [T, N, D] of this chunk's queries over the keys the strategy provides."""
+
+    def route(self, moe_index: int, probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Expert ids [T, K] of MoE layer ``moe_index`` (``moe.top_k_route``, or replayed routes)."""
 
 
 def _mp():
@@ -81,7 +85,11 @@ def apply_rotary(x_TND, cos_T1D, sin_T1D):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, mp_config, tp_group, dtype, device):
+    """``moe_index``: this layer's place among the model's MoE layers (its MLP is then ``MoEMLP``)."""
+
+    def __init__(
+        self, cfg: ModelConfig, index: int, mp_config, tp_group, dtype, device, moe_index=None, ep_group=None
+    ):
         super().__init__()
         tpl = _mp()
         tp = tp_group.size()
@@ -118,6 +126,10 @@ class DecoderLayer(nn.Module):
         )
         self.o_proj = row(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if moe_index is not None:
+            self.moe = MoEMLP(cfg, moe_index, tp_group, ep_group, dtype, device)
+            return
+        self.moe = None
         self.gate_up = column(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate rows, up rows]
         self.down = row(cfg.intermediate_size, cfg.hidden_size)
 
@@ -133,6 +145,8 @@ class DecoderLayer(nn.Module):
         q_TND, k_TKD = apply_rotary(q_TND, cos, sin), apply_rotary(k_TKD, cos, sin)
         attn_TND = kv.attend(self.index, q_TND, k_TKD, v_TKD)
         x_TH = x_TH + self.o_proj(attn_TND.reshape(T, nq))[0]
+        if self.moe is not None:
+            return x_TH + self.moe(self.post_norm(x_TH), kv)
         gate_up_TF2 = self.gate_up(self.post_norm(x_TH))[0]
         gate_TF, up_TF = gate_up_TF2.chunk(2, dim=-1)
         return x_TH + self.down(F.silu(gate_TF) * up_TF)[0]
@@ -159,6 +173,13 @@ class Transformer(nn.Module):
             )
         if cfg.num_layers % pp:
             raise ConfigError(f"parallel.pp={pp} must divide model.num_layers ({cfg.num_layers})")
+        ep = layout.ep
+        if cfg.num_experts and (cfg.num_experts % ep or cfg.moe_intermediate_size % tp):
+            raise ConfigError(
+                f"parallel.ep={ep} must divide model.num_experts ({cfg.num_experts}) and parallel.tp={tp} "
+                f"model.moe_intermediate_size ({cfg.moe_intermediate_size})"
+            )
+        self.ep, self.ep_rank, self.ep_group = ep, layout.ep_rank, layout.ep_group
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
         self.stage, self.is_first, self.is_last = layout.stage, pp_rank == 0, pp_rank == pp - 1
         n_local = cfg.num_layers // pp
@@ -187,8 +208,19 @@ class Transformer(nn.Module):
             else None
         )
         # the layer index a layer hands to kv.attend is local: each stage keeps K/V of its own layers
+        moe_of = {g: m for m, g in enumerate(cfg.moe_layers)}
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, mp_config, self.tp_group, dtype, device) for i in range(n_local)
+            DecoderLayer(
+                cfg,
+                i,
+                mp_config,
+                self.tp_group,
+                dtype,
+                device,
+                moe_of.get(self.layer_offset + i),
+                layout.ep_group,
+            )
+            for i in range(n_local)
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device) if self.is_last else None
         own_head = self.is_last and (not cfg.tie_embeddings or not self.is_first)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_dta.errors import UserError
+from megatron_dta.errors import ConfigError, UserError
 from megatron_dta.planner.cost import Layout, Workload, mfu, predict, rank_entries
 from megatron_dta.planner.hardware import GIB, PROFILES, HardwareProfile, load_profile
 from megatron_dta.planner.ranks import rank_shapes
@@ -77,6 +77,11 @@ def plan(
     from megatron_dta.model.config import TORCH_DTYPES
 
     mcfg = model_config(cfg)
+    if mcfg.num_experts:
+        raise ConfigError(
+            "megatron-dta plan does not model mixture-of-experts layers or parallel.ep yet "
+            "(docs/moe.md): plan a dense model, or size MoE runs by hand"
+        )
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     shapes = rank_shapes(mcfg, tp, pp, world_size, TORCH_DTYPES[cfg.train.dtype])
     layout = Layout(tp, pp, world_size // (tp * pp), cfg.parallel.microbatches_in_flight or 2 * pp)

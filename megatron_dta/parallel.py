@@ -1,4 +1,4 @@
-"""The one owner of the parallel layout: TP x PP x DP degrees, this rank's place in them, and the
+"""The one owner of the parallel layout: TP x CP x PP x DP degrees, this rank's place in them, and the
 process groups.
 
 ``ParallelLayout.create`` initialises megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp, so
@@ -74,9 +74,11 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """This rank in the TP x PP x DP grid. Each dimension is three fields: its size (``tp``), this
+    """This rank in the TP x CP x PP x DP grid. Each dimension is three fields: its size (``tp``), this
     rank's index in it (``tp_rank``) and its group, the ranks that differ from this one only in it
-    (``tp_group``). Context and expert parallelism will be three fields each plus a line in
+    (``tp_group``). Context parallelism (``cp``: the ranks sharing every unit's tokens, engine/
+    context_parallel.py) defaults to 1; gradients are summed over ``dp_cp_group`` (DP x CP, megatron's
+    ``with_context_parallel=True`` group). Expert parallelism will be three fields plus a line in
     ``create``. A layout is a value: ``dataclasses.replace(layout, pp=1, pp_rank=0)`` describes the
     whole model on this rank (a reference model beside a pipeline stage)."""
 
@@ -93,6 +95,10 @@ class ParallelLayout:
     rank: int  # global
     device: str = "cpu"
     microbatches_in_flight: int | None = None  # per pipeline stage (None: 2 x pp)
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: ProcessGroup | None = None  # None: cp = 1
+    dp_cp_group: ProcessGroup | None = None  # gradient reduction (DP x CP); None: dp_group
 
     @classmethod
     def create(
@@ -102,23 +108,25 @@ class ParallelLayout:
         device: str | None = None,
         microbatches_in_flight: int | None = None,
         timeout_s: float = 600.0,
+        cp: int = 1,
     ) -> ParallelLayout:
-        """Initialise distributed state; DP is whatever the world size leaves after TP x PP."""
+        """Initialise distributed state; DP is whatever the world size leaves after TP x CP x PP."""
         from megatron.core import parallel_state as ps
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         init_distributed(device, timeout_s)
         world = dist.get_world_size()
-        if world % (tp * pp):
+        if world % (tp * cp * pp):
             raise ConfigError(
-                f"world size {world} is not divisible by tp x pp = {tp} x {pp}: "
-                f"launch with a multiple of {tp * pp} processes or change parallel.tp / parallel.pp"
+                f"world size {world} is not divisible by tp x cp x pp = {tp} x {cp} x {pp}: launch with a "
+                f"multiple of {tp * cp * pp} processes or change parallel.tp / parallel.cp / parallel.pp"
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             distributed_timeout_minutes=timeout_s / 60,  # its groups get the same deadline
         )
         return cls._from_parallel_state(device, microbatches_in_flight)
@@ -132,6 +140,7 @@ class ParallelLayout:
             "pp": ps.get_pipeline_model_parallel_group(),
             "dp": ps.get_data_parallel_group(),
         }
+        cp_group = ps.get_context_parallel_group()
         return cls(
             **{dim: group.size() for dim, group in groups.items()},
             **{f"{dim}_rank": group.rank() for dim, group in groups.items()},
@@ -140,7 +149,16 @@ class ParallelLayout:
             rank=dist.get_rank(),
             device=device,
             microbatches_in_flight=microbatches_in_flight,
+            cp=cp_group.size(),
+            cp_rank=cp_group.rank(),
+            cp_group=cp_group if cp_group.size() > 1 else None,
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
+
+    @property
+    def grad_group(self) -> ProcessGroup:
+        """The group whose gradients are summed: DP x CP (each CP rank holds its tokens' share)."""
+        return self.dp_cp_group if self.dp_cp_group is not None else self.dp_group
 
     @property
     def stage(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ cases of a world size in one torchrun."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,15 @@ import numpy as np
 import pytest
 from cp_worker import CASES
 from reference import make_hf_model
+from test_train import EXACT_KEYS, cli, exact, small_config
 
+from megatron_dta.checkpoint import latest_complete, step_dir, step_of
 from megatron_dta.config import Config, ConfigError
 from megatron_dta.engine.context_parallel import zigzag_rows
+from megatron_dta.metrics import read_metrics
+from megatron_dta.model.hf import read_hf_dir
 from megatron_dta.parallel import ParallelLayout
+from megatron_dta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -66,6 +72,34 @@ def test_cp2_with_tp2_and_with_dp2_equal_cp1(checkpoint):
     layouts = {c["layout"].split(",")[0] for c in result["cases"]}
     assert layouts == {"tp2 x cp2 x dp1", "tp1 x cp2 x dp2"}
     assert len(result["cases"]) == 4 * 2 * len(cases)
+
+
+@pytest.mark.slow
+def test_train_cp2_equals_one_process_and_resumes(tmp_path):
+    """``megatron-dta train parallel.cp=2`` over 4 steps equals the single-process run (1e-9
+    relative, as test_train's two-process runs: summation order only, amplified by Adam), and
+    resumed from its step-2 checkpoint repeats its own later steps and weights bit for bit."""
+    config, steps = small_config(tmp_path), ["train.steps=4", "checkpoint.every=2"]
+    ref = train(Config.from_yaml(config, [f"checkpoint.run_dir={tmp_path / 'ref'}", *steps]))
+    full, cut = tmp_path / "cp2", tmp_path / "cut"
+    args = ["train", "--config", config, "parallel.cp=2", *steps]
+    cli(*args, f"checkpoint.run_dir={full}", torchrun=True, timeout=300)
+    ours = read_metrics(full / "metrics.jsonl")
+    assert len(ours) == len(ref) == 4
+    for a, b in zip(ours, ref):
+        for key in EXACT_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (a["step"], key)
+    ref_w = read_hf_dir(step_dir(tmp_path / "ref", 4) / "model")[1]
+    full_w = read_hf_dir(step_dir(full, 4) / "model")[1]
+    for name, t in full_w.items():
+        assert (t - ref_w[name]).abs().max() <= 1e-9 * ref_w[name].abs().max(), name
+    shutil.copytree(full, cut)
+    shutil.rmtree(step_dir(cut, 4))
+    assert step_of(latest_complete(cut)) == 2
+    cli(*args, f"checkpoint.run_dir={cut}", "--resume", torchrun=True, timeout=300)
+    assert exact(read_metrics(cut / "metrics.jsonl")) == exact(ours)
+    for name, t in read_hf_dir(step_dir(cut, 4) / "model")[1].items():
+        assert t.equal(full_w[name]), name
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 13, 64, 1001])

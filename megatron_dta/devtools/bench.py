@@ -145,24 +145,28 @@ def run_mode(
 
     meter = MemoryMeter(device)
     before = meter.baseline()
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 1):
         model.zero_grad(set_to_none=False)
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
         if i:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     total = sum(len(r) for r in rollouts)
     sec = all_reduce_scalar(statistics.median(times), layout.cp_group, dist.ReduceOp.MAX)
+    # CPU seconds of the busiest rank: what a step takes on dedicated cores, on a shared machine too
+    cpu = all_reduce_scalar(statistics.median(cpu_times), layout.cp_group, dist.ReduceOp.MAX)
     peak = int(all_reduce_scalar(meter.peak(), layout.cp_group, dist.ReduceOp.MAX))
     before = int(all_reduce_scalar(before, layout.cp_group, dist.ReduceOp.MAX))
     return {
         "seconds_per_step": sec,
         "tokens_per_second": total / sec,
+        "cpu_seconds_per_step": cpu,
         "peak_memory_bytes": peak,
         "step_memory_bytes": peak - before,
         "steps": steps,

@@ -6,10 +6,12 @@ late queries of the causal triangle); a unit shorter than 2C tokens leaves some 
 and they still take part in every collective. A rank runs the model on its rows only: linear layers,
 norms, the LM head and the loss see ~1/C of the tokens. Attention (``_GatherAttend``) all-gathers
 the unit's keys, the ancestors' (prefix) K/V from the ranks that own them and the unit's own K/V,
-attends its queries under its rows of the mask and drops the gathered copy; the backward gathers
-again, recomputes the attention of its queries and sums every K/V gradient over the group, each
-rank keeping the gradients of the positions it owns. So nothing of full path size is kept: the
-saved tensors are this rank's queries and K/V shards.
+attends its queries under its rows of the mask and, in a unit whose graph waits for its children,
+drops the gathered copy: the backward gathers again and recomputes the attention of its queries.
+Every K/V gradient is summed over the group, each rank keeping the gradients of the positions it
+owns. So nothing of full path size is kept along the path: a kept unit saves this rank's queries and
+K/V shards. Leaf units and recomputed ones, whose graph is freed right after their forward, keep
+their gathered keys until their backward (no recompute).
 
 The DFS stacks are sharded by position (``ShardedStacks``): a rank stores the K/V, and receives the
 K/V gradients, of the path positions it computed. Its rows follow path order, so the positions below
@@ -89,26 +91,32 @@ def _gather(group, total: int, index: torch.Tensor, parts_2NKD: torch.Tensor) ->
 
 
 class _GatherAttend(torch.autograd.Function):
-    """This rank's queries over the unit's keys ``[prefix ; own]``, gathered from their owners.
-    Saves only local tensors; the backward gathers again and recomputes (see the module docstring)."""
+    """This rank's queries over the unit's keys ``[prefix ; own]``, gathered from their owners. For a
+    unit whose graph waits for its children it saves only local tensors, and the backward gathers
+    again and recomputes; otherwise (``keep_gathered``: a leaf unit, a recomputed one) the graph
+    lives only until the unit's backward, right after, and keeps the gathered keys."""
 
     @staticmethod
-    def forward(ctx, q_TND, pk_PKD, pv_PKD, k_TKD, v_TKD, keys):
+    def forward(ctx, q_TND, pk_PKD, pv_PKD, k_TKD, v_TKD, keys, keep_gathered: bool):
         ctx.save_for_backward(q_TND, k_TKD, v_TKD)
         # views of the stack shard, whose later rows the children overwrite (in place, so not
         # saved_tensors); the rows below the prefix stay as they are until this unit is done
-        ctx.prefix, ctx.keys = (pk_PKD, pv_PKD), keys
-        with torch.no_grad():
-            return keys.attend(q_TND, keys.gather(pk_PKD, pv_PKD, k_TKD, v_TKD))
+        ctx.prefix, ctx.keys, ctx.graph = (pk_PKD, pv_PKD), keys, None
+        kv_2SKD = keys.gather(pk_PKD, pv_PKD, k_TKD, v_TKD)
+        if not keep_gathered:
+            return keys.attend(q_TND, kv_2SKD)
+        # the graph is freed as soon as the unit's backward ran: keep the gathered keys, no recompute
+        ctx.graph = _CPContext.attention_graph(keys, q_TND, kv_2SKD)
+        return ctx.graph[0].detach()
 
     @staticmethod
     def backward(ctx, dout_TND):
         q_TND, k_TKD, v_TKD = ctx.saved_tensors
         (pk_PKD, pv_PKD), keys = ctx.prefix, ctx.keys
-        kv_2SKD = keys.gather(pk_PKD, pv_PKD, k_TKD, v_TKD).requires_grad_()
-        q = q_TND.detach().requires_grad_()
-        with torch.enable_grad():
-            out = keys.attend(q, kv_2SKD)
+        out, q, kv_2SKD = ctx.graph or _CPContext.attention_graph(
+            keys, q_TND, keys.gather(pk_PKD, pv_PKD, k_TKD, v_TKD)
+        )
+        ctx.graph = None
         # no query rows here: the K/V gradient is zeros, which this rank adds to the others'
         dq_TND, dkv_2SKD = torch.autograd.grad(
             out, (q, kv_2SKD), dout_TND, allow_unused=True, materialize_grads=True
@@ -116,7 +124,7 @@ class _GatherAttend(torch.autograd.Function):
         dist.all_reduce(dkv_2SKD, group=keys.group)
         mine = dkv_2SKD[:, keys.index].to(k_TKD.dtype)  # [2, P_local + T_local, K, D]
         nP = pk_PKD.shape[0]
-        return dq_TND, mine[0, :nP], mine[1, :nP], mine[0, nP:], mine[1, nP:], None
+        return dq_TND, mine[0, :nP], mine[1, :nP], mine[0, nP:], mine[1, nP:], None, None
 
 
 @dataclasses.dataclass
@@ -128,6 +136,7 @@ class _Keys:
     spec: object  # the unit's AttnSpec
     rows: torch.Tensor  # this rank's query rows of the unit
     index: torch.Tensor  # positions in the gathered keys [prefix ; own] of this rank's K/V rows
+    short_lived: bool  # the unit's graph is freed right after its backward (no children wait)
 
     def gather(self, pk_PKD, pv_PKD, k_TKD, v_TKD) -> torch.Tensor:
         parts = torch.stack([torch.cat([pk_PKD, k_TKD]), torch.cat([pv_PKD, v_TKD])]).detach()
@@ -153,7 +162,15 @@ class _CPContext(ChunkKV):
             self.own_k[layer], self.own_v[layer] = k_TKD, v_TKD
         pk = self.prefix_k[layer] if self.prefix_k is not None else k_TKD[:0]
         pv = self.prefix_v[layer] if self.prefix_v is not None else v_TKD[:0]
-        return _GatherAttend.apply(q_TND, pk, pv, k_TKD, v_TKD, self.keys)
+        keep = self.keys.short_lived and torch.is_grad_enabled()
+        return _GatherAttend.apply(q_TND, pk, pv, k_TKD, v_TKD, self.keys, keep)
+
+    @staticmethod
+    def attention_graph(keys: _Keys, q_TND, kv_2SKD):
+        """(output, query leaf, key leaf) of this rank's attention, with its autograd graph."""
+        q, kv_2SKD = q_TND.detach().requires_grad_(), kv_2SKD.detach().requires_grad_()
+        with torch.enable_grad():
+            return keys.attend(q, kv_2SKD), q, kv_2SKD
 
 
 class CPExecutor(Executor):
@@ -209,14 +226,17 @@ class CPExecutor(Executor):
         )
 
     def _forward(self, r: Run, unit: Unit, grad: bool, with_loss: bool, saved=None):
-        self._run = r  # _context reads the stacks' ownership
+        # _context reads the stacks' ownership, and whether the graph waits for children: a kept
+        # unit's does (recompute in the backward keeps it small); a leaf's or a recomputed one's not
+        self._run, self._short_lived = r, saved is not None or not unit.has_children
         return super()._forward(r, self._local(unit)[0], grad, with_loss, saved)
 
     def _context(self, unit: Unit, pk, pv) -> _CPContext:
         rows = self._rows(unit)  # ``unit`` is this rank's view
         prefix = self._run.stacks.owned_below(unit.prefix_len) if unit.prefix_len else rows[:0]
         dev = lambda a: torch.from_numpy(a).to(self.device)
-        keys = _Keys(self.group, unit.spec, dev(rows), dev(np.concatenate([prefix, unit.prefix_len + rows])))
+        index = dev(np.concatenate([prefix, unit.prefix_len + rows]))
+        keys = _Keys(self.group, unit.spec, dev(rows), index, self._short_lived)
         return _CPContext(unit.spec, pk, pv, unit.has_children, keys)
 
     def _own_rows(self, unit: Unit) -> int:

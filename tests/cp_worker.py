@@ -25,6 +25,7 @@ from megatron_dta.losses import PolicyLoss
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint
 from megatron_dta.parallel import ParallelLayout, all_reduce_grads, all_reduce_scalar, shard_indices, shutdown
 from megatron_dta.rollouts import make_rollout
+from test_pipeline import forest
 
 VOCAB = 96
 
@@ -32,14 +33,7 @@ VOCAB = 96
 def rollout_sets() -> dict[str, list]:
     """Forests with forks, a long chain, a duplicate and a prefix rollout, lone short rollouts."""
     rng = np.random.default_rng(5)
-    prompt = rng.integers(0, VOCAB, 13).tolist()
-    forks = []
-    for _ in range(2):
-        turn = prompt + rng.integers(0, VOCAB, 5).tolist()
-        forks += [
-            make_rollout(turn + rng.integers(0, VOCAB, 2 + 3 * j).tolist(), advantages=rng.normal())
-            for j in range(3)
-        ]
+    forks = forest(rng)  # the pipeline tests' forests: shared prompts, branching turns, a lone chain
     forks.append(make_rollout(forks[0].input_ids, advantages=-0.5))  # a duplicate
     forks.append(make_rollout(forks[1].input_ids[:15], advantages=0.7))  # a prefix of another rollout
     forks.append(make_rollout(rng.integers(0, VOCAB, 2).tolist(), advantages=1.3))  # 2 tokens

@@ -57,21 +57,24 @@ class AttnSpec:
     seg_out: torch.Tensor | None = None  # [T] int64
     cache: dict = field(default_factory=dict, repr=False)  # per-backend prepared masks, built once per chunk
 
-    def own_mask(self, device) -> torch.Tensor:
-        """[T, T] bool visibility among own tokens."""
+    def own_mask(self, device, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, T] bool visibility among own tokens; [R, T] for the own queries ``rows`` only (context
+        parallelism: a rank's share of the unit's queries)."""
         idx = torch.arange(self.own_len, device=device)
-        causal = idx[None, :] <= idx[:, None]
+        q = idx if rows is None else rows.to(device)
+        causal = idx[None, :] <= q[:, None]
         if self.seg_in is None:
             return causal
         s_in, s_out = self.seg_in.to(device), self.seg_out.to(device)
-        return causal & (s_in[None, :] <= s_in[:, None]) & (s_in[:, None] < s_out[None, :])
+        q_in = s_in[q]
+        return causal & (s_in[None, :] <= q_in[:, None]) & (q_in[:, None] < s_out[None, :])
 
-    def full_mask(self, device) -> torch.Tensor:
-        """[T, P + T] bool visibility of all keys."""
-        own = self.own_mask(device)
+    def full_mask(self, device, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, P + T] bool visibility of all keys ([R, P + T] for the own queries ``rows``)."""
+        own = self.own_mask(device, rows)
         if not self.prefix_len:
             return own
-        return torch.cat([own.new_ones(self.own_len, self.prefix_len), own], dim=1)
+        return torch.cat([own.new_ones(own.shape[0], self.prefix_len), own], dim=1)
 
     def sibling_runs(self) -> list[int] | None:
         """Lengths of the own segments if none is another's ancestor (each is then a causal
@@ -95,6 +98,12 @@ def sdpa_attention(q_TND, k_SKD, v_SKD, spec: AttnSpec):
         mask = spec.cache.get("sdpa")
         if mask is None:
             mask = spec.cache["sdpa"] = spec.full_mask(q_TND.device)
+    return masked_attention(q_TND, k_SKD, v_SKD, mask)
+
+
+def masked_attention(q_TND, k_SKD, v_SKD, mask_TS: torch.Tensor | None):
+    """torch scaled_dot_product_attention under a [T, S] boolean mask (None: causal, S = T)."""
+    causal, mask = mask_TS is None, mask_TS
     # [1, heads, tokens, D]: CUDA's fused kernels take 4-D inputs only (3-D runs the O(T x S) math path)
     q, k, v = (t.transpose(0, 1)[None] for t in (q_TND, k_SKD, v_SKD))
     gqa = k.shape[1] != q.shape[1]

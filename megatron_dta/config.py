@@ -97,7 +97,7 @@ class ModelSection:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * pp))."""
+    """Parallel degrees; data parallelism is whatever the world size leaves (world / (tp * cp * pp))."""
 
     tp: int = field(
         default=1,
@@ -118,6 +118,15 @@ class ParallelConfig:
         default=None,
         metadata={"help": "pp > 1: microbatches a stage runs interleaved; null: 2 x pp (docs/pipeline.md)"},
     )
+    cp: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "context-parallel degree: ranks that share every unit's tokens and K/V stacks, for paths "
+                "too long for one rank (docs/context_parallel.md); with tp and dp, not yet with pp"
+            )
+        },
+    )
     device: str = field(
         default="auto",
         metadata={"help": f"one of {', '.join(DEVICES)}; auto: cuda when a GPU is visible, else cpu"},
@@ -136,6 +145,17 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp must be >= 1, got {self.pp}")
         if self.ep < 1:
             raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.cp < 1:
+            raise ConfigError(f"parallel.cp must be >= 1, got {self.cp}")
+        if self.cp > 1 and self.pp > 1:
+            raise ConfigError(
+                f"parallel.cp={self.cp} with parallel.pp={self.pp} is not supported yet: use cp with tp and "
+                "data parallelism, or pp without cp"
+            )
+        if self.cp > 1 and self.ep > 1:
+            raise ConfigError(
+                f"parallel.cp={self.cp} with parallel.ep={self.ep} is not supported yet: use one of them"
+            )
         if self.microbatches_in_flight is not None and self.microbatches_in_flight < 1:
             raise ConfigError(
                 f"parallel.microbatches_in_flight must be >= 1 or null (pp), "
@@ -194,6 +214,16 @@ class Config:
             raise ConfigError(
                 f"parallel.ep={self.parallel.ep} needs optimizer.backend=torch (its clipping norm sums the "
                 f"experts over EP ranks); optimizer.backend={self.optimizer.backend} supports parallel.ep=1"
+            )
+        if self.parallel.cp > 1 and self.optimizer.backend != "torch":
+            raise ConfigError(
+                f"parallel.cp={self.parallel.cp} needs optimizer.backend=torch (gradients are summed over "
+                f"DP x CP); optimizer.backend={self.optimizer.backend} supports parallel.cp=1"
+            )
+        if self.parallel.cp > 1 and self.engine.attention not in ("auto", "sdpa"):
+            raise ConfigError(
+                f"parallel.cp={self.parallel.cp} runs its own exact attention over gathered K/V: set "
+                f"engine.attention to auto or sdpa (got {self.engine.attention})"
             )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(

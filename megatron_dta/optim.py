@@ -152,7 +152,7 @@ class TorchOptimizer:
         return contextlib.nullcontext()
 
     def step(self, lr: float) -> float:
-        all_reduce_grads(self.model, self.layout.dp_group)
+        all_reduce_grads(self.model, self.layout.grad_group)
         norm = global_grad_norm(norm_params(self.model), self.layout)
         scale = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if self.cfg.grad_clip is not None else 1.0
         for p in self.params:
@@ -181,8 +181,9 @@ class TorchOptimizer:
         return directory / f"torch_tp{layout.tp_rank}{pp}{ep}.pt"
 
     def save(self, directory: Path) -> None:
-        """Optimizer states are the same on every DP rank: DP rank 0 of each (TP, PP, EP) rank writes them."""
-        if self.layout.dp_rank == 0:
+        """Optimizer states are the same on every DP and CP rank: DP rank 0, CP rank 0 of each (TP, PP,
+        EP) rank writes them."""
+        if self.layout.dp_rank == 0 and self.layout.cp_rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {"optimizer": self.opt.state_dict(), "master": list(self.master.values())},

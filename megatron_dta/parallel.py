@@ -1,4 +1,4 @@
-"""The one owner of the parallel layout: TP x PP x DP degrees, this rank's place in them, and the
+"""The one owner of the parallel layout: TP x CP x PP x DP degrees, this rank's place in them, and the
 process groups.
 
 ``ParallelLayout.create`` initialises megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp, so
@@ -74,10 +74,13 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> None:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """This rank in the TP x PP x DP grid. Each dimension is three fields: its size (``tp``), this
+    """This rank in the TP x CP x PP x DP grid. Each dimension is three fields: its size (``tp``), this
     rank's index in it (``tp_rank``) and its group, the ranks that differ from this one only in it
-    (``tp_group``). Context and expert parallelism will be three fields each plus a line in
-    ``create``. A layout is a value: ``dataclasses.replace(layout, pp=1, pp_rank=0)`` describes the
+    (``tp_group``). Context parallelism (``cp``: the ranks sharing every unit's tokens, engine/
+    context_parallel.py) defaults to 1; gradients are summed over ``dp_cp_group`` (DP x CP, megatron's
+    ``with_context_parallel=True`` group). Expert parallelism (``ep``: ranks that share their tokens
+    and split the experts, docs/moe.md) likewise; CP and EP are not combined yet. A layout is a value:
+    ``dataclasses.replace(layout, pp=1, pp_rank=0)`` describes the
     whole model on this rank (a reference model beside a pipeline stage)."""
 
     tp: int
@@ -97,6 +100,10 @@ class ParallelLayout:
     ep: int = 1
     ep_rank: int = 0
     ep_group: ProcessGroup | None = None
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: ProcessGroup | None = None  # None: cp = 1
+    dp_cp_group: ProcessGroup | None = None  # gradient reduction (DP x CP); None: dp_group
 
     @classmethod
     def create(
@@ -106,24 +113,29 @@ class ParallelLayout:
         device: str | None = None,
         microbatches_in_flight: int | None = None,
         timeout_s: float = 600.0,
+        cp: int = 1,
         ep: int = 1,
     ) -> ParallelLayout:
-        """Initialise distributed state; DP is whatever the world size leaves after TP x EP x PP."""
+        """Initialise distributed state; DP is whatever the world size leaves after TP x CP x EP x PP
+        (CP and EP are not combined yet)."""
         from megatron.core import parallel_state as ps
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         init_distributed(device, timeout_s)
         world = dist.get_world_size()
-        if world % (tp * pp * ep):
+        if cp > 1 and ep > 1:
+            raise ConfigError(f"parallel.cp={cp} with parallel.ep={ep} is not supported yet: use one of them")
+        if world % (tp * cp * ep * pp):
             raise ConfigError(
-                f"world size {world} is not divisible by tp x ep x pp = {tp} x {ep} x {pp}: launch with a "
-                f"multiple of {tp * ep * pp} processes or change parallel.tp / parallel.ep / parallel.pp"
+                f"world size {world} is not divisible by tp x cp x ep x pp = {tp} x {cp} x {ep} x {pp}: "
+                f"launch with a multiple of {tp * cp * ep * pp} processes or change parallel.tp/cp/ep/pp"
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             expert_model_parallel_size=ep,
             distributed_timeout_minutes=timeout_s / 60,  # its groups get the same deadline
         )
@@ -133,14 +145,19 @@ class ParallelLayout:
     def _from_parallel_state(cls, device: str, microbatches_in_flight: int | None = None) -> ParallelLayout:
         from megatron.core import parallel_state as ps
 
+        ep_group = ps.get_expert_model_parallel_group()
         groups = {
             "tp": ps.get_tensor_model_parallel_group(),
             "pp": ps.get_pipeline_model_parallel_group(),
             # megatron's EP group is ep consecutive DP ranks; here they share their tokens, so data
-            # (and every gradient's all-reduce) is split over the expert-data-parallel group
-            "dp": ps.get_expert_data_parallel_group(),
-            "ep": ps.get_expert_model_parallel_group(),
+            # (and every gradient's all-reduce) is split over the expert-data-parallel group. Without
+            # EP that group would span DP x CP: the plain DP group then.
+            "dp": ps.get_expert_data_parallel_group()
+            if ep_group.size() > 1
+            else ps.get_data_parallel_group(),
+            "ep": ep_group,
         }
+        cp_group = ps.get_context_parallel_group()
         return cls(
             **{dim: group.size() for dim, group in groups.items()},
             **{f"{dim}_rank": group.rank() for dim, group in groups.items()},
@@ -149,7 +166,18 @@ class ParallelLayout:
             rank=dist.get_rank(),
             device=device,
             microbatches_in_flight=microbatches_in_flight,
+            cp=cp_group.size(),
+            cp_rank=cp_group.rank(),
+            cp_group=cp_group if cp_group.size() > 1 else None,
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True)
+            if cp_group.size() > 1
+            else None,
         )
+
+    @property
+    def grad_group(self) -> ProcessGroup:
+        """The group whose gradients are summed: DP x CP (each CP rank holds its tokens' share)."""
+        return self.dp_cp_group if self.dp_cp_group is not None else self.dp_group
 
     @property
     def stage(self) -> tuple[int, int]:

@@ -105,6 +105,7 @@ def create_layout(cfg: Config) -> ParallelLayout:
         device=device,
         microbatches_in_flight=cfg.parallel.microbatches_in_flight,
         timeout_s=cfg.parallel.timeout_s,
+        cp=cfg.parallel.cp,
         ep=cfg.parallel.ep,
     )
 
@@ -442,7 +443,7 @@ def compute_logprobs(cfg: Config, rollouts_path: str, out_path: str) -> int:
     layout = create_layout(cfg)
     model = build_model(cfg, layout)
     rollouts = load_rollouts(rollouts_path, model.cfg.vocab_size)
-    engine = Engine(model, cfg.engine, layout.device)
+    engine = Engine(model, cfg.engine, layout.device, layout.cp_group)
     values = forward_logprobs(engine, rollouts, layout, cfg.data)
     if layout.is_main:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +482,8 @@ def time_modes(cfg: Config, modes=("dta", "dense"), repeats: int = 2) -> dict[st
     loss_fn = PolicyLoss(cfg.loss)
     batch = loss_fn.prepare([data.rollouts[i] for i in data.next_indices()])
     engines = {
-        mode: Engine(model, dataclasses.replace(cfg.engine, mode=mode), layout.device) for mode in modes
+        mode: Engine(model, dataclasses.replace(cfg.engine, mode=mode), layout.device, layout.cp_group)
+        for mode in modes
     }
     engines[modes[0]].forward_backward(batch, loss_fn)
     best: dict[str, tuple[float, int]] = {}

@@ -69,7 +69,7 @@ class Trainer:
         self.layout = create_layout(cfg)
         self.model = build_model(cfg, self.layout)
         self.loss_fn = PolicyLoss(cfg.loss)
-        self.engine = Engine(self.model, cfg.engine, self.layout.device)
+        self.engine = Engine(self.model, cfg.engine, self.layout.device, self.layout.cp_group)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.layout)
         self.checkpointer = Checkpointer(
             cfg.checkpoint,

@@ -2,12 +2,14 @@
 
     python tools/benchmark.py [--hf-checkpoint DIR | --model PRESET] [--rollouts FILE.jsonl |
         --workload NAME] --modes dense,sparse,dta --steps N [--dtype D]
-        [--max-tokens-per-microbatch T] --json OUT.json [--plot OUT.png]
+        [--max-tokens-per-microbatch T] [--cp N] --json OUT.json [--plot OUT.png]
 
 Writes {"total_tokens", "unique_tokens", "sharing_ratio", "modes": {MODE: {"seconds_per_step"
 (median), "tokens_per_second" (total tokens / s), "peak_memory_bytes" (peak RSS on CPU, peak
 allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step)}}} and
-prints a table with ratios to dense. Extra modes hf_dense / hf_sparse run HF transformers on the
+prints a table with ratios to dense. ``--cp N`` runs each mode under ``torchrun --nproc-per-node N``
+with every unit split over N context-parallel ranks (the slowest rank's time, the largest rank's
+memory). Extra modes hf_dense / hf_sparse run HF transformers on the
 same architecture (each rollout alone / packed forest with a 4D ancestor mask). ``--plot`` also
 sweeps a fan-out workload (one 256-token prompt, 4..64 completions) and plots tokens/s and peak
 memory per mode against sharing ratio and number of leaves.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,7 @@ def parse_args(argv=None):
         default=None,
         help="sparse: unique tokens packed together (the forest is split beyond it)",
     )
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (processes) per mode")
     ap.add_argument("--json", required=False, help="write the results here")
     ap.add_argument("--plot", help="also run the fan-out sweep and save a PNG plot here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -88,7 +92,10 @@ def run_worker(args) -> None:
         args.block_size,
         args.max_tokens_per_microbatch,
         args.hf_checkpoint,
+        args.cp,
     )
+    if int(os.environ.get("RANK", "0")):
+        return
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.worker_out).write_text(json.dumps(res))
 
@@ -105,13 +112,17 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
         "leaves": sum(1 for n in forest.nodes if not n.children),
         "model": args.hf_checkpoint or args.model,
         "dtype": args.dtype,
+        "cp": args.cp,
         "modes": {},
     }
     for mode in modes:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            launch = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node"]
             cmd = [
-                sys.executable,
+                *([*launch, str(args.cp)] if args.cp > 1 else [sys.executable]),
                 str(HERE),
+                "--cp",
+                str(args.cp),
                 "--worker",
                 mode,
                 "--worker-out",

@@ -2,9 +2,10 @@
 
     python tools/dump_step.py --hf-checkpoint DIR --rollouts FILE.jsonl --mode {dense,sparse,dta}
         --dtype {float32,float64} --out OUT.pt [--block-size N] [--tp N] [--pp N] [--dp N]
-        [--microbatches M] [--microbatches-in-flight K] [--activation-budget TOKENS] [--ep N]
+        [--microbatches M] [--microbatches-in-flight K] [--activation-budget TOKENS] [--cp N] [--ep N]
     torchrun --nproc-per-node 2 tools/dump_step.py ... --tp 2
     torchrun --nproc-per-node 2 tools/dump_step.py ... --pp 2 [--microbatches M]
+    torchrun --nproc-per-node 2 tools/dump_step.py ... --cp 2   (every unit split over 2 ranks)
     python tools/dump_step.py --assert-equal-to OTHER.pt --out OUT.pt   (compare two dumps)
 
 Rank 0 writes {"logprobs": [float64 [L_i] per rollout, file order], "loss": 0-dim float64,
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     ap.add_argument("--block-size", type=int, default=2048, help="dta: max tokens per unit (chunk size)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel size (units split over ranks)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (DFS pipeline schedule)")
     ap.add_argument("--microbatches", type=int, default=1, help="pp > 1: microbatches per rank")
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         default=1 << 20,
         help="dta: kept tokens on the DFS path before recomputing (0: recompute every parent)",
     )
-    ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / tp)")
+    ap.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / (tp cp pp))")
     ap.add_argument("--out", required=True, help="dump file (torch.save), or the dump to check")
     ap.add_argument(
         "--assert-equal-to", metavar="OTHER.pt", help="compare --out with OTHER.pt and exit 1 on a difference"
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
             args.microbatches,
             args.activation_budget,
             args.microbatches_in_flight,
+            args.cp,
             args.ep,
         )
         if dump is not None:

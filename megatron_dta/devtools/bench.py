@@ -13,12 +13,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_dta.engine import Engine, EngineConfig
 from megatron_dta.forest import PrefixForest
 from megatron_dta.losses import PolicyLoss
 from megatron_dta.metrics import current_rss_bytes, peak_memory_bytes
 from megatron_dta.model.config import TORCH_DTYPES, ModelConfig
+from megatron_dta.parallel import all_reduce_scalar
 from megatron_dta.rollouts import Rollout
 
 
@@ -109,14 +111,17 @@ def run_mode(
     block_size: int = 2048,
     max_tokens_per_microbatch: int | None = None,
     hf_dir: str | None = None,
+    cp: int = 1,
 ) -> dict:
-    """Median seconds per forward+backward step and memory of one mode; 1 warm-up step first."""
+    """Median seconds per forward+backward step and memory of one mode; 1 warm-up step first. With
+    ``cp`` > 1 (under torchrun, cp processes) every unit is split over the ranks; the result holds
+    the slowest rank's time and the largest rank's memory."""
     from megatron_dta.model.transformer import Transformer
     from megatron_dta.parallel import ParallelLayout
 
     torch.manual_seed(0)
     tdtype = TORCH_DTYPES[dtype]
-    layout = ParallelLayout.create(tp=1, device=device)
+    layout = ParallelLayout.create(tp=1, device=device, cp=cp)
     if mode.startswith("hf_"):
         model, step = _hf_step_fn(cfg, tdtype, device, rollouts, packed=(mode == "hf_sparse"))
     else:
@@ -132,6 +137,7 @@ def run_mode(
                 mode=mode, block_size=block_size, max_tokens_per_microbatch=max_tokens_per_microbatch
             ),
             device=device,
+            cp_group=layout.cp_group,
         )
 
         def step():
@@ -139,23 +145,28 @@ def run_mode(
 
     meter = MemoryMeter(device)
     before = meter.baseline()
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 1):
         model.zero_grad(set_to_none=False)
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
         if i:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     total = sum(len(r) for r in rollouts)
-    sec = statistics.median(times)
-    peak = meter.peak()
+    sec = all_reduce_scalar(statistics.median(times), layout.cp_group, dist.ReduceOp.MAX)
+    # CPU seconds of the busiest rank: what a step takes on dedicated cores, on a shared machine too
+    cpu = all_reduce_scalar(statistics.median(cpu_times), layout.cp_group, dist.ReduceOp.MAX)
+    peak = int(all_reduce_scalar(meter.peak(), layout.cp_group, dist.ReduceOp.MAX))
+    before = int(all_reduce_scalar(before, layout.cp_group, dist.ReduceOp.MAX))
     return {
         "seconds_per_step": sec,
         "tokens_per_second": total / sec,
+        "cpu_seconds_per_step": cpu,
         "peak_memory_bytes": peak,
         "step_memory_bytes": peak - before,
         "steps": steps,

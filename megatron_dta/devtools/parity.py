@@ -97,15 +97,19 @@ def dump_step(
     microbatches=1,
     activation_budget=1 << 20,
     microbatches_in_flight=None,
+    cp=1,
     ep=1,
 ):
     """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
-    DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches."""
-    layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight, ep=ep)
+    DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches;
+    with ``cp`` > 1 every unit is split over the context-parallel ranks; ``ep`` splits the experts."""
+    if cp > 1 and pp > 1:
+        raise UserError("--cp with --pp is not supported yet (see parallel.cp)")
+    layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight, cp=cp, ep=ep)
     if dp is not None and dp != layout.dp:
         raise UserError(
-            f"--dp {dp} does not match world size {dist.get_world_size()} / (tp {tp} x ep {ep} x pp {pp}) = "
-            f"{layout.dp}"
+            f"--dp {dp} does not match world size {dist.get_world_size()} / "
+            f"(tp {tp} x cp {cp} x ep {ep} x pp {pp}) = {layout.dp}"
         )
     model, _ = load_hf_checkpoint(hf_dir, layout, TORCH_DTYPES[dtype])
     rollouts = load_rollouts(rollouts_path, vocab_size=model.cfg.vocab_size)
@@ -119,13 +123,13 @@ def dump_step(
     denominator = all_reduce_scalar(loss_fn.local_denominator(local), layout.dp_group)
     engine_cfg = EngineConfig(mode=mode, block_size=block_size, activation_budget_tokens=activation_budget)
     if pp == 1:
-        engine = Engine(model, engine_cfg, device=layout.device)
+        engine = Engine(model, engine_cfg, device=layout.device, cp_group=layout.cp_group)
         result = engine.forward_backward(local, loss_fn, denominator, num_rollouts=len(rollouts))
     else:
         result = _pipeline_step(
             model, engine_cfg, local, (loss_fn, denominator, len(rollouts)), microbatches, layout
         )
-    all_reduce_grads(model, layout.dp_group)
+    all_reduce_grads(model, layout.grad_group)
     loss = all_reduce_scalar(result.loss.item(), layout.dp_group)
     grads = gather_hf(model, "grad", layout.tp_group, layout.pp_group)
     # logprobs of every DP rank to global rank 0, in file order

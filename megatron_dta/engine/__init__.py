@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_dta.attention import BACKENDS, get_attention_backend
+from megatron_dta.engine.context_parallel import CPExecutor
 from megatron_dta.engine.executor import Executor, Run
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
 from megatron_dta.engine.routing import (
@@ -107,8 +109,15 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, model, cfg: EngineConfig | None = None, device: str = "cpu"):
+    def __init__(self, model, cfg: EngineConfig | None = None, device: str = "cpu", cp_group=None):
+        """``cp_group``: the layout's context-parallel group (None: cp = 1); its ranks share every
+        unit's tokens (engine/context_parallel.py) and must all run the same calls."""
         self.model, self.cfg, self.device = model, cfg or EngineConfig(), device
+        if cp_group is not None and dist.get_world_size(cp_group) > 1:
+            if model.cfg.num_experts:
+                raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+            self.executor = CPExecutor(model, self.cfg.activation_budget_tokens, device, cp_group)
+            return
         self.executor = Executor(
             model,
             get_attention_backend(self.cfg.attention, device),

@@ -172,7 +172,7 @@ class Executor:
         """``saved``: the context of the unit's first, no-grad pass when it is recomputed."""
         pk, pv = self._prefix_leaves(r, unit, grad)
         router = None if r.moe is None else UnitRouter.of_unit(r.moe, unit, self.device)
-        ctx = ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children, router=router)
+        ctx = self._context(unit, pk, pv, router)
         loss = None
         with torch.set_grad_enabled(grad):
             hidden_TH = self._run_model(unit, ctx, saved)
@@ -182,8 +182,16 @@ class Executor:
             router.count()
         return ctx, loss, pk, pv
 
-    # hooks a pipeline stage overrides (megatron_dta/pipeline.py)
+    # hooks a pipeline stage overrides (megatron_dta/pipeline.py), and context parallelism
+    # (megatron_dta/engine/context_parallel.py)
     _has_loss = True  # this executor's model ends in the LM head
+
+    def _context(self, unit: Unit, pk, pv, router=None) -> ChunkKV:
+        return ChunkKV(self.attention, unit.spec, pk, pv, record=unit.has_children, router=router)
+
+    def _own_rows(self, unit: Unit) -> int:
+        """Rows of ``unit`` this rank runs through the model."""
+        return unit.num_tokens
 
     def _run_model(self, unit: Unit, ctx: ChunkKV, saved: ChunkKV | None):
         dev = self.device
@@ -267,7 +275,7 @@ class Executor:
         dkv = None
         if unit.has_children:
             _, _, gk, gv = r.stacks
-            T = unit.num_tokens
+            T = self._own_rows(unit)
             # [T, K, D] per layer; T (packed segments) may exceed the stack's path length
             dk = [g.new_zeros((T, *g.shape[1:])) for g in gk]
             dv = [g.new_zeros((T, *g.shape[1:])) for g in gv]
@@ -322,7 +330,7 @@ class Executor:
         """The grads this unit left on its ancestors' K/V go into the gradient stack."""
         if pk is not None:
             _, _, gk, gv = r.stacks
-            P = unit.prefix_len
+            P = len(pk[0])  # the unit's prefix_len, or this rank's share of it (context parallelism)
             for layer in range(len(gk)):
                 if pk[layer].grad is not None:
                     gk[layer][:P] += pk[layer].grad

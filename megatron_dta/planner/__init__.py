@@ -76,6 +76,11 @@ def plan(
     ``baselines=False`` leaves out the dense and sparse predictions (a third of the time each)."""
     from megatron_dta.model.config import TORCH_DTYPES
 
+    if cfg.parallel.cp > 1:
+        raise UserError(
+            f"parallel.cp={cfg.parallel.cp}: the planner does not model context parallelism yet; plan with "
+            "parallel.cp=1 on world / cp devices (a CP rank holds ~1/cp of kv_stacks and activations)"
+        )
     mcfg = model_config(cfg)
     if mcfg.num_experts:
         raise ConfigError(

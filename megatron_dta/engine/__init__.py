@@ -15,6 +15,7 @@ import torch
 
 from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.executor import Executor, Run
+from megatron_dta.engine.memory import MemoryModel, fit_plan
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
 from megatron_dta.errors import ConfigError
 from megatron_dta.losses import PolicyLoss
@@ -52,6 +53,15 @@ class EngineConfig:
     max_tokens_per_microbatch: int | None = field(
         default=None, metadata={"help": "sparse: max unique tokens packed into one unit; null: no limit"}
     )
+    memory_budget_mib: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "cap on the step's memory rise above weights, grads and optimizer state: dta picks block "
+                "size and what to recompute, sparse splits microbatches (engine/memory.py); null: no cap"
+            )
+        },
+    )
     attention: str = field(
         default="auto",
         metadata={
@@ -67,6 +77,10 @@ class EngineConfig:
             raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
             raise ConfigError(f"engine.block_size must be >= 1, got {self.block_size}")
+        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
+            raise ConfigError(
+                f"engine.memory_budget_mib must be > 0 MiB or null, got {self.memory_budget_mib}"
+            )
         if self.attention not in ("auto", *BACKENDS):
             raise ConfigError(f"engine.attention '{self.attention}' must be one of {('auto', *BACKENDS)}")
 
@@ -90,11 +104,25 @@ class Engine:
             self.cfg.activation_budget_tokens,
             device,
         )
+        self.memory: MemoryModel | None = None  # measured at the first plan under a memory budget
 
     def plan(self, rollouts: list[Rollout]) -> Plan:
         if not rollouts:
             raise ValueError("the engine needs at least one rollout per call (skip empty microbatches)")
         seqs = [r.input_ids for r in rollouts]
+        if self.cfg.memory_budget_mib is not None:
+            if self.memory is None:
+                self.memory = MemoryModel.probe(self.executor)
+            c = self.cfg
+            return fit_plan(
+                self.memory,
+                c.memory_budget_mib,
+                c.mode,
+                seqs,
+                c.block_size,
+                c.max_tokens_per_microbatch,
+                c.pack_tokens,
+            )
         return build_plan(
             self.cfg.mode,
             seqs,

@@ -41,13 +41,17 @@ MIN_BLOCK = 64  # dta halves its block size down to this before it refuses a bud
 MiB = float(1 << 20)
 
 
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def live_bytes(exclude: set[int] = frozenset()) -> dict[int, int]:
     """{storage data_ptr: bytes} of every tensor alive as a Python object, minus ``exclude``.
 
     Tensors autograd saves are Python objects only while ``visible_saved()`` is active."""
+    gc.collect()  # garbage in reference cycles is not memory the executor holds
     out = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta" and obj.layout == torch.strided:
+        if type(obj) in _TENSOR_TYPES and obj.device.type != "meta" and obj.layout == torch.strided:
             s = obj.untyped_storage()
             if s.data_ptr() not in exclude and s.nbytes():
                 out[s.data_ptr()] = s.nbytes()
@@ -55,8 +59,10 @@ def live_bytes(exclude: set[int] = frozenset()) -> dict[int, int]:
 
 
 def visible_saved():
-    """Saved-tensor hooks that hand autograd the tensor itself, so ``live_bytes`` sees it."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    """Saved-tensor hooks that hand autograd a detached alias of each saved tensor (a Python
+    object ``live_bytes`` sees, sharing the storage; the tensor itself would tie a saved output
+    and its grad_fn into a reference cycle that outlives the graph)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
 
 
 def _features(T: int, P: int) -> np.ndarray:
@@ -93,7 +99,7 @@ def _probe_rollouts(kind: str, T: int, P: int, vocab: int) -> tuple[str, list[Ro
 
 PROBES = {
     "causal": [(32, 0), (64, 0), (96, 0)],
-    "masked": [(32, 0), (64, 0), (32, 32), (64, 32), (32, 96), (96, 64)],
+    "masked": [(32, 0), (64, 0), (96, 0), (32, 32), (64, 32), (32, 96), (96, 64)],
 }
 
 
@@ -112,6 +118,7 @@ class MemoryModel:
     flops_per_token: float  # linear layers' multiply-adds x 2, for the recompute cost
     attn_flops_per_pair: float  # 4 x heads x head dim x layers per (query, key)
     layers: int
+    loss_bytes_per_element: float = 0.0  # the loss terms' saved tensors per (rollout, position)
 
     @staticmethod
     def kind(unit: Unit) -> str:
@@ -125,9 +132,12 @@ class MemoryModel:
         return float(max(max_path, 1) * self.stack_bytes_per_position) if max_path else 0.0
 
     def graph(self, unit: Unit) -> float:
+        if not unit.has_children and not len(unit.pair_target):
+            return self.hold(unit)  # no loss, no children: nothing refers to its graph (masks stay)
         coef = (self.parent_coef if unit.has_children else self.graph_coef)[self.kind(unit)]
         f = _features(unit.num_tokens, unit.prefix_len)
-        return float(f @ coef) + self._kept_logits_bytes(len(unit.pair_target))
+        shared = (len(unit.elem_pair) - len(unit.pair_target)) * self.loss_bytes_per_element
+        return float(f @ coef) + shared + self._kept_logits_bytes(len(unit.pair_target))
 
     def hold(self, unit: Unit) -> float:
         return float(_features(unit.num_tokens, unit.prefix_len) @ self.hold_coef[self.kind(unit)])
@@ -195,15 +205,22 @@ class MemoryModel:
             attn_flops_per_pair=4.0 * layer.n_local * layer.d * len(m.layers),
             layers=len(m.layers),
         )
-        for kind, points in PROBES.items():
-            rows = np.array([model._measure(executor, kind, T, P) for T, P in points], dtype=np.float64)
-            X = np.stack([_features(T, P) for T, P in points])
-            coef = np.linalg.lstsq(X, rows, rcond=None)[0]  # [4, (leaf graph, parent graph, hold)]
-            model.graph_coef[kind], model.parent_coef[kind], model.hold_coef[kind] = coef.T
+        for kind in ("masked", "causal"):  # masked first: its probes measure loss_bytes_per_element
+            rows = np.array([model._measure(executor, kind, T, P) for T, P in PROBES[kind]], dtype=np.float64)
+            X = np.stack([_features(T, P) for T, P in PROBES[kind]])
+            # graphs: minus the loss terms of elements beyond one per pair (tokens shared by rollouts)
+            X5 = np.c_[X, rows[:, 0]] if kind == "masked" else X
+            y = rows[:, 1:3] - (0.0 if kind == "masked" else model.loss_bytes_per_element * rows[:, :1])
+            graph = np.linalg.lstsq(X5, y, rcond=None)[0]  # [features, (leaf graph, parent graph)]
+            if kind == "masked":
+                model.loss_bytes_per_element = float(graph[4, 0])
+            model.graph_coef[kind], model.parent_coef[kind] = graph[:4].T
+            model.hold_coef[kind] = np.linalg.lstsq(X, rows[:, 3], rcond=None)[0]
         return model
 
-    def _measure(self, executor, kind: str, T: int, P: int) -> tuple[float, float, float]:
-        """(leaf graph minus kept logits, parent graph minus kept logits, hold) bytes of the probe
+    def _measure(self, executor, kind: str, T: int, P: int) -> tuple[int, float, float, float]:
+        """(loss elements beyond one per pair, leaf graph minus kept logits, parent graph minus kept
+        logits, hold bytes) of the probe
         unit (kind, T, P): one forward as ``Executor._forward`` runs it, the unit recording its own
         K/V as a parent does or not as a leaf."""
         mode, rollouts, block, pack = _probe_rollouts(kind, T, P, self.vocab_local)
@@ -231,7 +248,7 @@ class MemoryModel:
             out.append(_storage_bytes(saved, tensors, exclude | executor_params(executor)))
         unit.spec.cache.clear()
         kept = self._kept_logits_bytes(len(unit.pair_target))
-        return out[0] - kept, out[1] - kept, out[2]
+        return len(unit.elem_pair) - len(unit.pair_target), out[0] - kept, out[1] - kept, out[2]
 
 
 def executor_params(executor) -> set[int]:

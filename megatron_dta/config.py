@@ -182,6 +182,11 @@ class Config:
                 f"parallel.pp={self.parallel.pp} needs optimizer.backend=torch (its clipping norm spans "
                 f"the pipeline stages); optimizer.backend={self.optimizer.backend} supports parallel.pp=1"
             )
+        if self.engine.memory_budget_mib is not None and self.parallel.pp > 1:
+            raise ConfigError(
+                "engine.memory_budget_mib plans one whole model's memory: use parallel.pp=1 or set "
+                "engine.memory_budget_mib to null"
+            )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"

@@ -6,7 +6,9 @@
 
 Writes {"total_tokens", "unique_tokens", "sharing_ratio", "modes": {MODE: {"seconds_per_step"
 (median), "tokens_per_second" (total tokens / s), "peak_memory_bytes" (peak RSS on CPU, peak
-allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step)}}} and
+allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step, the
+weights' gradients allocated), "planned_memory_bytes" and "recomputed_tokens" (under
+``--memory-budget-mib``, engine.memory_budget_mib)}}} and
 prints a table with ratios to dense. Extra modes hf_dense / hf_sparse run HF transformers on the
 same architecture (each rollout alone / packed forest with a 4D ancestor mask). ``--plot`` also
 sweeps a fan-out workload (one 256-token prompt, 4..64 completions) and plots tokens/s and peak
@@ -54,6 +56,12 @@ def parse_args(argv=None):
         default=None,
         help="sparse: unique tokens packed together (the forest is split beyond it)",
     )
+    ap.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=None,
+        help="engine.memory_budget_mib for dense, sparse and dta: the step's memory rise cap",
+    )
     ap.add_argument("--json", required=False, help="write the results here")
     ap.add_argument("--plot", help="also run the fan-out sweep and save a PNG plot here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -88,6 +96,7 @@ def run_worker(args) -> None:
         args.block_size,
         args.max_tokens_per_microbatch,
         args.hf_checkpoint,
+        args.memory_budget_mib,
     )
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.worker_out).write_text(json.dumps(res))
@@ -105,6 +114,7 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
         "leaves": sum(1 for n in forest.nodes if not n.children),
         "model": args.hf_checkpoint or args.model,
         "dtype": args.dtype,
+        "memory_budget_mib": args.memory_budget_mib,
         "modes": {},
     }
     for mode in modes:
@@ -130,6 +140,8 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
             cmd += ["--hf-checkpoint", args.hf_checkpoint] if args.hf_checkpoint else ["--model", args.model]
             if args.max_tokens_per_microbatch:
                 cmd += ["--max-tokens-per-microbatch", str(args.max_tokens_per_microbatch)]
+            if args.memory_budget_mib:
+                cmd += ["--memory-budget-mib", str(args.memory_budget_mib)]
             print(f"[benchmark] {mode}: {args.steps} steps ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:

@@ -146,12 +146,12 @@ class MemoryModel:
         return float(unit.num_tokens * self.dkv_bytes_per_token)
 
     def transient(self, unit: Unit) -> float:
-        """Short-lived buffers of a forward or backward: about one layer's activations (what a
-        layer's backward produces before its inputs' saved tensors go), the head's chunk buffers
-        and the hidden states' gradient. An estimate; the benchmark checks the cap it implies."""
+        """Short-lived buffers of a forward or backward: about one layer's activations (the
+        gradients a layer's backward produces before its saved tensors go) and the head's chunk
+        buffers. An estimate, not measured: the benchmark checks the cap it implies."""
         f = _features(unit.num_tokens, unit.prefix_len)
         head = 2 * min(1024, max(len(unit.pair_target), 1)) * self.vocab_local * self.head_dtype.itemsize
-        return 2.0 * float(f @ self.graph_coef[self.kind(unit)]) / max(self.layers, 1) + head
+        return float(f @ self.graph_coef[self.kind(unit)]) / max(self.layers, 1) + head
 
     def recompute_flops(self, unit: Unit) -> float:
         T, P = unit.num_tokens, unit.prefix_len

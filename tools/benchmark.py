@@ -7,7 +7,8 @@
 Writes {"total_tokens", "unique_tokens", "sharing_ratio", "modes": {MODE: {"seconds_per_step"
 (median), "tokens_per_second" (total tokens / s), "peak_memory_bytes" (peak RSS on CPU, peak
 allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step, the
-weights' gradients allocated), "planned_memory_bytes" and "recomputed_tokens" (under
+weights' gradients allocated), "steady_step_memory_bytes" (the largest rise of the timed steps,
+after the warm-up: ``devtools.bench.SteadyStepMeter``), "planned_memory_bytes" and "recomputed_tokens" (under
 ``--memory-budget-mib``, engine.memory_budget_mib)}}} and
 prints a table with ratios to dense. Extra modes hf_dense / hf_sparse run HF transformers on the
 same architecture (each rollout alone / packed forest with a 4D ancestor mask). ``--plot`` also

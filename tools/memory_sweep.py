@@ -42,8 +42,8 @@ def points(args, path: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| mode | budget MiB | s/step | tokens/s | planned MiB | measured MiB | measured / budget | recomputed |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    names = ["mode", "budget MiB", "s/step", "tokens/s", "planned MiB", "measured MiB", "measured / budget"]
+    lines = ["| " + " | ".join([*names, "recomputed"]) + " |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(

@@ -1,9 +1,9 @@
 """Speed against memory under engine.memory_budget_mib: a sweep of budgets (an interface).
 
-    python tools/memory_sweep.py --budgets 400,265,200,132 [benchmark.py's model/workload options]
+    python tools/memory_sweep.py --budgets none,400,265,200,132 [benchmark.py's model/workload options]
         --json OUT.json [--plot OUT.png] [--sparse-budgets 600,400] [--baselines dense,sparse,hf_sparse]
 
-Runs ``tools/benchmark.py``'s fresh-process workers: dta unbudgeted and at each budget, sparse at
+Runs ``tools/benchmark.py``'s fresh-process workers: dta at each budget (``none``: unbudgeted), sparse at
 each ``--sparse-budgets`` (it splits its microbatches), and the unbudgeted baselines; prints a
 table (s/step, tokens/s, planned and measured memory, measured / budget) and plots tokens/s
 against the measured step memory rise (``steady_step_memory_bytes``: after the warm-up, see
@@ -23,7 +23,7 @@ import benchmark  # noqa: E402 (a sibling tool: its workers and workload options
 
 
 def points(args, path: str) -> list[dict]:
-    runs = [("dta", None)] + [("dta", b) for b in args.budgets]
+    runs = [("dta", b) for b in args.budgets]
     runs += [("sparse", b) for b in args.sparse_budgets] + [(m, None) for m in args.baselines]
     out = []
     for mode, budget in runs:
@@ -101,7 +101,7 @@ def plot(rows: list[dict], png: str, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", required=True, help="dta budgets in MiB, comma-separated")
+    ap.add_argument("--budgets", required=True, help="dta budgets in MiB, comma-separated; none: unbudgeted")
     ap.add_argument("--sparse-budgets", default="", help="sparse budgets in MiB, comma-separated")
     ap.add_argument("--baselines", default="sparse,dense", help="unbudgeted modes besides dta")
     ap.add_argument("--title", default="", help="plot title")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.budgets = [float(b) for b in own.budgets.split(",") if b]
+    args.budgets = [None if b == "none" else float(b) for b in own.budgets.split(",") if b]
     args.sparse_budgets = [float(b) for b in own.sparse_budgets.split(",") if b]
     args.baselines = [m for m in own.baselines.split(",") if m]
     from megatron_dta.rollouts import write_rollouts

@@ -247,6 +247,7 @@ class Executor:
         else:
             with torch.no_grad():
                 ctx, _, _, _ = self._forward(r, unit, grad=False, with_loss=False)
+            unit.spec.cache.clear()  # its masks ([T, P + T]) are rebuilt by the recompute, not held
         yield unit, False
         dkv = None
         if unit.has_children:

@@ -242,6 +242,8 @@ class MemoryModel:
             with torch.set_grad_enabled(grad), _saved_into(saved):
                 hidden_TH = executor._run_model(unit, ctx, None)
                 lossv = executor._unit_loss(run, unit, hidden_TH) if grad else None
+            if not grad:  # as the executor does after a no-grad forward
+                unit.spec.cache.clear()
             tensors = [*ctx.own_k.values(), *ctx.own_v.values(), *_tensors_in(unit.spec.cache.values())]
             tensors += _ctx_tensors(lossv.grad_fn) if lossv is not None else []
             exclude = {t.untyped_storage().data_ptr() for t in (*(pk or []), *(pv or []))}

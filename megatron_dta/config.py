@@ -225,6 +225,16 @@ class Config:
                 f"parallel.cp={self.parallel.cp} runs its own exact attention over gathered K/V: set "
                 f"engine.attention to auto or sdpa (got {self.engine.attention})"
             )
+        if self.engine.memory_budget_mib is not None and self.parallel.pp > 1:
+            raise ConfigError(
+                "engine.memory_budget_mib plans one whole model's memory: use parallel.pp=1 or set "
+                "engine.memory_budget_mib to null"
+            )
+        if self.engine.memory_budget_mib is not None and self.parallel.cp > 1:
+            raise ConfigError(
+                "engine.memory_budget_mib does not model context parallelism yet: use parallel.cp=1 or set "
+                "engine.memory_budget_mib to null"
+            )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"

@@ -28,6 +28,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def memory_now_bytes(device: str) -> int:
+    """Allocated bytes on a GPU, resident memory on CPU: the baseline of a step's memory rise
+    (``peak_memory_bytes`` minus it; on CUDA after ``torch.cuda.reset_peak_memory_stats``)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.memory_allocated()
+    return current_rss_bytes()
+
+
 def peak_memory_bytes(device: str) -> int:
     """Peak allocated bytes on a GPU, peak resident memory of the process on CPU."""
     if device == "cuda":

@@ -42,7 +42,7 @@ from megatron_dta.data import TrainData
 from megatron_dta.engine import Engine, StepResult
 from megatron_dta.errors import CheckpointError, UserError
 from megatron_dta.losses import PolicyLoss
-from megatron_dta.metrics import peak_memory_bytes, read_metrics
+from megatron_dta.metrics import memory_now_bytes, peak_memory_bytes, read_metrics
 from megatron_dta.model.config import TORCH_DTYPES
 from megatron_dta.model.hf import gather_hf, load_hf_checkpoint, load_hf_into, read_hf_dir, save_hf_checkpoint
 from megatron_dta.model.transformer import Transformer
@@ -259,6 +259,7 @@ def train_step(
     timeout = cfg.parallel.timeout_s
     if layout.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    mem_before = memory_now_bytes(layout.device)
     idx = data.next_indices()
     lr = lr_at(cfg.optimizer, step, cfg.train.steps)
     if not any(data.rollouts[i].loss_mask.any() for i in idx):
@@ -322,11 +323,18 @@ def train_step(
             torch.tensor([sums[k] for k in keys], dtype=torch.float64), layout.dp_group, layout.pp_group
         )
         peak = all_reduce_scalar(float(peak_memory_bytes(layout.device)), dist.group.WORLD, dist.ReduceOp.MAX)
+        # engine.memory_budget_mib: the plans' predicted peak and the step's measured rise
+        planned = max((r.plan.extra.get("planned_peak_bytes", 0) for r in results if r), default=0)
+        memory = [
+            all_reduce_scalar(float(v), dist.group.WORLD, dist.ReduceOp.MAX)
+            for v in (planned, peak - mem_before)
+        ]
     g = dict(zip(keys, totals.tolist()))
     seconds = time.perf_counter() - start
-    return _record(
+    record = _record(
         step, g, plan, lr, grad_norm, seconds, peak, (compute_max, compute_min), "non-finite" if bad else None
     )
+    return record | {"planned_memory_bytes": int(memory[0]), "step_memory_bytes": int(max(memory[1], 0))}
 
 
 def _record(step, g: dict, plan, lr, grad_norm, seconds, peak, compute, skipped) -> dict:

@@ -6,7 +6,10 @@
 
 Writes {"total_tokens", "unique_tokens", "sharing_ratio", "modes": {MODE: {"seconds_per_step"
 (median), "tokens_per_second" (total tokens / s), "peak_memory_bytes" (peak RSS on CPU, peak
-allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step)}}} and
+allocated on GPU), "step_memory_bytes" (peak minus memory in use before the warm-up step, the
+weights' gradients allocated), "steady_step_memory_bytes" (the largest rise of the timed steps,
+after the warm-up: ``devtools.bench.SteadyStepMeter``), "planned_memory_bytes" and "recomputed_tokens" (under
+``--memory-budget-mib``, engine.memory_budget_mib)}}} and
 prints a table with ratios to dense. ``--cp N`` runs each mode under ``torchrun --nproc-per-node N``
 with every unit split over N context-parallel ranks (the slowest rank's time, the largest rank's
 memory). Extra modes hf_dense / hf_sparse run HF transformers on the
@@ -58,6 +61,12 @@ def parse_args(argv=None):
         help="sparse: unique tokens packed together (the forest is split beyond it)",
     )
     ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (processes) per mode")
+    ap.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=None,
+        help="engine.memory_budget_mib for dense, sparse and dta: the step's memory rise cap",
+    )
     ap.add_argument("--json", required=False, help="write the results here")
     ap.add_argument("--plot", help="also run the fan-out sweep and save a PNG plot here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -93,6 +102,7 @@ def run_worker(args) -> None:
         args.max_tokens_per_microbatch,
         args.hf_checkpoint,
         args.cp,
+        args.memory_budget_mib,
     )
     if int(os.environ.get("RANK", "0")):
         return
@@ -113,6 +123,7 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
         "model": args.hf_checkpoint or args.model,
         "dtype": args.dtype,
         "cp": args.cp,
+        "memory_budget_mib": args.memory_budget_mib,
         "modes": {},
     }
     for mode in modes:
@@ -141,8 +152,10 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
             cmd += ["--hf-checkpoint", args.hf_checkpoint] if args.hf_checkpoint else ["--model", args.model]
             if args.max_tokens_per_microbatch:
                 cmd += ["--max-tokens-per-microbatch", str(args.max_tokens_per_microbatch)]
+            if args.memory_budget_mib:
+                cmd += ["--memory-budget-mib", str(args.memory_budget_mib)]
             print(f"[benchmark] {mode}: {args.steps} steps ...", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=worker_env())
             if proc.returncode:
                 tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
                 print(f"[benchmark] {mode} failed: {tail}", file=sys.stderr)
@@ -151,6 +164,13 @@ def run_modes(args, rollouts_path: str, modes: list[str]) -> dict:
             out["modes"][mode] = json.loads(Path(tmp.name).read_text())
             out["device"] = out["modes"][mode].pop("device")
     return out
+
+
+def worker_env() -> dict:
+    """The workers' environment. On CPU memory is read as RSS, and glibc keeps freed heap pages that
+    it may never return, so RSS drifts above what is live (a 200 MiB budget read as 269 MiB steady
+    rise): allocations from 128 KiB up are mmapped and go back to the system when freed."""
+    return {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
 
 
 def print_table(res: dict) -> None:

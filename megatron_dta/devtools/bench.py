@@ -8,7 +8,9 @@ the packed forest with a 4D ancestor mask): the baselines users run today.
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -39,6 +41,43 @@ class MemoryMeter:
 
     def peak(self) -> int:
         return peak_memory_bytes("cuda" if self.cuda else "cpu")
+
+
+class SteadyStepMeter:
+    """The largest memory rise of the steps after the warm-up: allocated bytes above those at
+    ``start`` on CUDA; on CPU resident memory sampled every ``interval`` s by a thread (torch's
+    kernels release the GIL) above the resident memory at ``start``, after glibc returned its free
+    memory to the system (the warm-up's one-time allocations and cached free blocks are excluded,
+    which a process peak cannot do)."""
+
+    def __init__(self, device: str, interval: float = 2e-4):
+        self.cuda, self.interval = device == "cuda", interval
+        self.base = self.top = 0
+        self.stop = threading.Event()
+        self.thread = None
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.top = max(self.top, current_rss_bytes())
+            time.sleep(self.interval)
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.base = self.top = current_rss_bytes()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def rise(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() - self.base
+        self.stop.set()
+        self.thread.join()
+        return self.top - self.base
 
 
 def _hf_step_fn(cfg: ModelConfig, dtype, device, rollouts: list[Rollout], packed: bool):
@@ -112,6 +151,7 @@ def run_mode(
     max_tokens_per_microbatch: int | None = None,
     hf_dir: str | None = None,
     cp: int = 1,
+    memory_budget_mib: float | None = None,
 ) -> dict:
     """Median seconds per forward+backward step and memory of one mode; 1 warm-up step first. With
     ``cp`` > 1 (under torchrun, cp processes) every unit is split over the ranks; the result holds
@@ -134,16 +174,26 @@ def run_mode(
         engine = Engine(
             model,
             EngineConfig(
-                mode=mode, block_size=block_size, max_tokens_per_microbatch=max_tokens_per_microbatch
+                mode=mode,
+                block_size=block_size,
+                max_tokens_per_microbatch=max_tokens_per_microbatch,
+                memory_budget_mib=memory_budget_mib,
             ),
             device=device,
             cp_group=layout.cp_group,
         )
 
         def step():
-            engine.forward_backward(rollouts)
+            res = engine.forward_backward(rollouts)
+            extra["planned_memory_bytes"] = res.plan.extra.get("planned_peak_bytes")
+            extra["recomputed_tokens"] = res.recomputed_tokens
+            extra["units"] = res.plan.units
 
-    meter = MemoryMeter(device)
+    extra: dict = {}
+    for p in model.parameters():  # the weights' gradients are resident, not part of the step's rise
+        p.grad = torch.zeros_like(p)
+
+    meter, steady = MemoryMeter(device), SteadyStepMeter(device)
     before = meter.baseline()
     times, cpu_times = [], []
     for i in range(steps + 1):
@@ -157,11 +207,15 @@ def run_mode(
         if i:  # step 0 is the warm-up
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        else:
+            peak = meter.peak()  # the process peak up to here (ru_maxrss never decreases)
+            steady.start()
     total = sum(len(r) for r in rollouts)
     sec = all_reduce_scalar(statistics.median(times), layout.cp_group, dist.ReduceOp.MAX)
     # CPU seconds of the busiest rank: what a step takes on dedicated cores, on a shared machine too
     cpu = all_reduce_scalar(statistics.median(cpu_times), layout.cp_group, dist.ReduceOp.MAX)
-    peak = int(all_reduce_scalar(meter.peak(), layout.cp_group, dist.ReduceOp.MAX))
+    steady_rise = int(all_reduce_scalar(steady.rise(), layout.cp_group, dist.ReduceOp.MAX))
+    peak = int(all_reduce_scalar(max(peak, meter.peak()), layout.cp_group, dist.ReduceOp.MAX))
     before = int(all_reduce_scalar(before, layout.cp_group, dist.ReduceOp.MAX))
     return {
         "seconds_per_step": sec,
@@ -169,5 +223,7 @@ def run_mode(
         "cpu_seconds_per_step": cpu,
         "peak_memory_bytes": peak,
         "step_memory_bytes": peak - before,
+        "steady_step_memory_bytes": steady_rise,
         "steps": steps,
+        **extra,
     }

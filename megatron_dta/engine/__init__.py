@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_dta.attention import BACKENDS, get_attention_backend
 from megatron_dta.engine.context_parallel import CPExecutor
 from megatron_dta.engine.executor import Executor, Run
+from megatron_dta.engine.memory import MemoryModel, fit_plan
 from megatron_dta.engine.plan import MODES, Plan, build_plan, seq_offsets_of
 from megatron_dta.engine.routing import (
     MoEState,
@@ -64,6 +65,15 @@ class EngineConfig:
     max_tokens_per_microbatch: int | None = field(
         default=None, metadata={"help": "sparse: max unique tokens packed into one unit; null: no limit"}
     )
+    memory_budget_mib: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "cap on the step's memory rise above weights, grads and optimizer state: dta picks block "
+                "size and what to recompute, sparse splits microbatches (engine/memory.py); null: no cap"
+            )
+        },
+    )
     attention: str = field(
         default="auto",
         metadata={
@@ -94,6 +104,10 @@ class EngineConfig:
             raise ConfigError(f"engine.mode '{self.mode}' must be one of {MODES}")
         if self.block_size < 1:
             raise ConfigError(f"engine.block_size must be >= 1, got {self.block_size}")
+        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
+            raise ConfigError(
+                f"engine.memory_budget_mib must be > 0 MiB or null, got {self.memory_budget_mib}"
+            )
         if self.attention not in ("auto", *BACKENDS):
             raise ConfigError(f"engine.attention '{self.attention}' must be one of {('auto', *BACKENDS)}")
 
@@ -124,6 +138,7 @@ class Engine:
             self.cfg.activation_budget_tokens,
             device,
         )
+        self.memory: MemoryModel | None = None  # measured at the first plan under a memory budget
 
     def check_rollouts(self, rollouts: list[Rollout]) -> None:
         """Routing replay against the model (``routed_experts``: shapes, expert ids, conflicting
@@ -148,14 +163,30 @@ class Engine:
         self.check_rollouts(rollouts)
         if rollouts[0].routed_experts is not None and self.cfg.route_conflicts == "split":
             seqs, key_to_token = route_keys(rollouts)
-        plan = build_plan(
-            self.cfg.mode,
-            seqs,
-            seq_offsets_of([len(s) for s in seqs]),
-            self.cfg.block_size,
-            self.cfg.max_tokens_per_microbatch,
-            self.cfg.pack_tokens,
-        )
+        c = self.cfg
+        if c.memory_budget_mib is not None:
+            if self.model.cfg.num_experts:
+                raise ConfigError("engine.memory_budget_mib does not model MoE layers yet: set it to null")
+            if self.memory is None:
+                self.memory = MemoryModel.probe(self.executor)
+            plan = fit_plan(
+                self.memory,
+                c.memory_budget_mib,
+                c.mode,
+                seqs,
+                c.block_size,
+                c.max_tokens_per_microbatch,
+                c.pack_tokens,
+            )
+        else:
+            plan = build_plan(
+                c.mode,
+                seqs,
+                seq_offsets_of([len(s) for s in seqs]),
+                c.block_size,
+                c.max_tokens_per_microbatch,
+                c.pack_tokens,
+            )
         if key_to_token is not None:
             relabel_tokens(plan, key_to_token)
         return plan

@@ -5,9 +5,10 @@ gradient stack of the same shape. A unit reads its ancestors' K/V as leaves that
 its own K/V goes onto the stack for its children; after all of its children ran their backward,
 the gradients they left on the stack at its positions are injected into its own backward
 together with its loss. A unit's graph is kept while the path's kept tokens fit
-``activation_budget_tokens``; beyond that it runs without grad first (K/V only) and is recomputed
-for its backward. Units without children run forward+backward at once. Traversal is an explicit
-stack of generators: no recursion, so chains of thousands of nodes are fine.
+``activation_budget_tokens`` (or as the plan chose under ``engine.memory_budget_mib``); beyond
+that it runs without grad first (K/V only) and is recomputed for its backward. Units without
+children run forward+backward at once. Traversal is an explicit stack of generators: no
+recursion, so chains of thousands of nodes are fine.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class Executor:
             unit.spec.cache.clear()
             return
 
-        keep = not unit.has_children or r.kept + unit.num_tokens <= self.budget
+        keep = not unit.has_children or self._keeps(r, unit)
         loss = pk = pv = None
         if keep:
             ctx, loss, pk, pv = self._forward(r, unit, grad=True, with_loss=True)
@@ -271,6 +272,7 @@ class Executor:
         else:
             with torch.no_grad():
                 ctx, _, _, _ = self._forward(r, unit, grad=False, with_loss=False)
+            unit.spec.cache.clear()  # its masks ([T, P + T]) are rebuilt by the recompute, not held
         yield unit, False
         dkv = None
         if unit.has_children:
@@ -291,6 +293,14 @@ class Executor:
             dkv = (dk, dv)
         self._backward(r, unit, keep, ctx, loss, pk, pv, dkv)
         yield unit, True
+
+    def _keeps(self, r: Run, unit: Unit) -> bool:
+        """Whether a parent keeps its graph: as the plan chose under a memory budget
+        (``engine/memory.py``), else while the path's kept tokens fit the token budget."""
+        chosen = r.plan.extra.get("keep")
+        if chosen is not None:
+            return id(unit) in chosen
+        return r.kept + unit.num_tokens <= self.budget
 
     def _backward(self, r: Run, unit, kept, ctx, loss, pk, pv, dkv):
         if not kept:

@@ -41,6 +41,14 @@ def _shift_exp(z_cV: torch.Tensor, m_c: torch.Tensor, out_cV: torch.Tensor) -> t
     return torch.exp(z_cV.sub_(m_c[:, None]), out=out_cV)
 
 
+def kept_logits(T: int, V: int, cdtype: torch.dtype, device_type: str) -> tuple[bool, bool]:
+    """(logits kept, exponentials kept) for backward by a call over ``T`` rows of ``V`` columns;
+    ``engine.memory`` counts them in a unit's memory with this same rule."""
+    logits_bytes = T * V * torch.finfo(cdtype).bits // 8
+    keep_z = device_type == "cpu" and logits_bytes <= KEEP_LOGITS_BYTES
+    return keep_z, keep_z and 2 * logits_bytes <= KEEP_LOGITS_BYTES
+
+
 class _FusedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, targets_T, vocab_start, group, chunk):
@@ -55,9 +63,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         local_t = targets_T - vocab_start
         owned = (local_t >= 0) & (local_t < V)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
-        logits_bytes = T * V * torch.finfo(cdtype).bits // 8
-        keep_z = hidden_TH.device.type == "cpu" and logits_bytes <= KEEP_LOGITS_BYTES
-        keep_e = keep_z and 2 * logits_bytes <= KEEP_LOGITS_BYTES
+        keep_z, keep_e = kept_logits(T, V, cdtype, hidden_TH.device.type)
         z_buf = None if keep_z else hidden_TH.new_empty(c, V, dtype=cdtype)
         e_buf = None if keep_e else hidden_TH.new_empty(c, V, dtype=cdtype)
         kept_z, kept_e = [], []

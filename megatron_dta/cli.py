@@ -16,7 +16,8 @@ import warnings
 CONFIG_HELP = """\
 configuration: a YAML file of sections, each a mapping of keys; the defaults are the CPU demo.
 Override any key after the options: section.key=value (e.g. optimizer.lr=1e-5 train.steps=100).
-Data parallel = world size / (parallel.tp x parallel.pp). Every key, its type, default and meaning:
+Data parallel = world size / (parallel.tp x parallel.cp x parallel.ep x parallel.pp). Every key, its
+type, default and meaning:
 
 """
 

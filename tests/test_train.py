@@ -149,6 +149,16 @@ def reference(tmp_path_factory):
     return tmp, tmp / "run"
 
 
+@pytest.fixture(scope="module")
+def pp2_run(tmp_path_factory):
+    """The reference run under torchrun with PP=2 (checkpoints at steps 2, 4, 6): the pp2 case of
+    test_two_processes_equal_one compares it with the reference, the resume test cuts and resumes it."""
+    tmp = tmp_path_factory.mktemp("pp2")
+    args = ["train", "--config", small_config(tmp), f"checkpoint.run_dir={tmp / 'run'}", "parallel.pp=2"]
+    cli(*args, torchrun=True, timeout=180)
+    return args, tmp / "run"
+
+
 def test_metrics_have_every_key_and_learn(reference):
     _, run = reference
     metrics = read_metrics(run / "metrics.jsonl")
@@ -189,7 +199,7 @@ def test_same_seed_same_metrics(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["dp2", "tp2", "pp2"])
-def test_two_processes_equal_one(reference, tmp_path, parallel):
+def test_two_processes_equal_one(reference, tmp_path, parallel, request):
     """DP=2: each rank trains on its share of the same global batch, loss normalized by the
     all-reduced token count, gradients summed. TP=2: every layer split over two ranks (the grad
     norm counts replicated norms once). PP=2: one layer per stage, the step's microbatches through
@@ -200,16 +210,19 @@ def test_two_processes_equal_one(reference, tmp_path, parallel):
     normalization, a double-counted norm or a missed gradient shows up at 1e-3 or more."""
     _, run = reference
     out = tmp_path / "run"
-    extra = {"dp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}[parallel]
-    cli(
-        "train",
-        "--config",
-        small_config(tmp_path),
-        f"checkpoint.run_dir={out}",
-        *extra,
-        torchrun=True,
-        timeout=180,
-    )
+    if parallel == "pp2":
+        out = request.getfixturevalue("pp2_run")[1]
+    else:
+        extra = ["parallel.tp=2"] if parallel == "tp2" else []
+        cli(
+            "train",
+            "--config",
+            small_config(tmp_path),
+            f"checkpoint.run_dir={out}",
+            *extra,
+            torchrun=True,
+            timeout=180,
+        )
     ours, ref = read_metrics(out / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert len(ours) == len(ref) == STEPS
     for a, b in zip(ours, ref):
@@ -317,20 +330,19 @@ def test_resume_after_kill_reproduces_the_run(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_pp2_resume_repeats_the_run(tmp_path):
+def test_pp2_resume_repeats_the_run(pp2_run, tmp_path):
     """A PP=2 run resumed from its step-2 checkpoint (each stage reloads its own layers and its
     optimizer file) repeats the uninterrupted run's later steps and weights bit for bit."""
-    config = small_config(tmp_path)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["train", "--config", config, "parallel.pp=2", "train.steps=4", "checkpoint.every=2"]
-    cli(*args, f"checkpoint.run_dir={full}", torchrun=True, timeout=180)
+    args, full = pp2_run
+    cut = tmp_path / "cut"
     shutil.copytree(full, cut)
-    shutil.rmtree(step_dir(cut, 4))
+    for step in (4, STEPS):
+        shutil.rmtree(step_dir(cut, step))
     assert step_of(latest_complete(cut)) == 2
-    cli(*args, f"checkpoint.run_dir={cut}", "--resume", torchrun=True, timeout=180)
+    cli(*args[:-2], f"checkpoint.run_dir={cut}", args[-1], "--resume", torchrun=True, timeout=180)
     assert exact(read_metrics(cut / "metrics.jsonl")) == exact(read_metrics(full / "metrics.jsonl"))
-    ref_w = read_hf_dir(step_dir(full, 4) / "model")[1]
-    for name, t in read_hf_dir(step_dir(cut, 4) / "model")[1].items():
+    ref_w = read_hf_dir(step_dir(full, STEPS) / "model")[1]
+    for name, t in read_hf_dir(step_dir(cut, STEPS) / "model")[1].items():
         assert torch.equal(t, ref_w[name]), name
 
 

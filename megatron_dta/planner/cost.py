@@ -204,7 +204,7 @@ def _cp_gathers(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile):
 def _ep_reduces(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile):
     """(seconds [E], bytes) of the EP all-reduces: per MoE layer the [T, H] expert output forward,
     its input gradient backward (and the recomputed forward's)."""
-    n = s.moe_layers * (1 + ev.backward + ev.recompute)
+    n = s.moe_layers * np.where(ev.backward, 1 + ev.recompute, 1)
     wire = n * _ring(ev.tokens * s.hidden * s.dtype_bytes, layout.ep)
     span = layout.tp * layout.cp * layout.ep
     return wire / hw.link_bytes_per_s(span) + n * hw.collective_latency_s, float(wire.sum())
@@ -229,7 +229,7 @@ def event_costs(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile) -
         # two [T, H] all-reduces per layer forward (attention and MLP outputs), two backward (the
         # inputs of qkv and gate_up), one more backward for the LM head input; a recompute
         # repeats the forward's
-        n = 2 * s.layers * (1 + ev.backward + ev.recompute) + (s.is_last & ev.backward)
+        n = 2 * s.layers * np.where(ev.backward, 1 + ev.recompute, 1) + (s.is_last & ev.backward)
         wire = n * _ring(ev.tokens / cp * H * b, layout.tp)
         seconds = seconds + wire / hw.link_bytes_per_s(layout.tp) + n * hw.collective_latency_s
         tp_bytes = float(wire.sum())

@@ -200,7 +200,7 @@ class ParallelLayout:
 
 
 @contextlib.contextmanager
-def simulated_rank(rank: int, world: int, tp: int, pp: int):
+def simulated_rank(rank: int, world: int, tp: int, pp: int, cp: int = 1, ep: int = 1):
     """The layout global rank ``rank`` of ``world`` would build, over torch's fake process groups (no
     communication, nothing allocated): megatron-core's ``parallel_state`` and the model's layers see
     the real sizes and ranks. For the planner; a process already running torch.distributed cannot."""
@@ -214,7 +214,11 @@ def simulated_rank(rank: int, world: int, tp: int, pp: int):
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, create_gloo_process_groups=False
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            create_gloo_process_groups=False,
         )
         yield ParallelLayout._from_parallel_state("meta")
     finally:

@@ -1,7 +1,9 @@
 """The planner (`megatron-dta plan`, `train --dry-run`): parameter accounting against transformers'
 own model, K/V stack bytes against what the executor allocates, every shipped large config planned
 at its world size, world size 1024 within a minute, and the one-line refusal of a layout that does
-not fit.
+not fit. Context parallelism and MoE with expert parallelism: parameters over CP and EP layouts,
+CP stack shards against the executor's ``ShardedStacks``, the EP all-reduce bytes against the
+batch's distinct tokens, and the shipped CP and MoE configs planned.
 
 The planner builds its fake process-group world in the process that runs it, and this test session
 already runs a gloo world (conftest), so the planner runs in subprocesses: one computes every
@@ -172,3 +174,121 @@ def test_train_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "layout tp=1 pp=1 dp=1" in res.stdout and "| dta |" in res.stdout
     assert not run_dir.exists()
+
+
+# context and expert parallelism: tiny models at small world sizes, plus the shipped CP and MoE
+# configs (one planning subprocess, ~30 s)
+TINY = ["engine.block_size=64", "data.workload=demo", "engine.activation_budget_tokens=1000000000"]
+CP_EP_CASES = {  # name: (overrides, world, gpu)
+    "ep": (["model.preset=tiny-moe", "parallel.ep=2", *TINY], 4, "h100"),
+    "ep_dp1": (["model.preset=tiny-moe", "parallel.ep=2", *TINY], 2, "h100"),
+    "cp": (["model.preset=tiny-qwen3", "parallel.cp=2", *TINY], 4, "h100"),
+    "cp1_w1": (["model.preset=tiny-qwen3", *TINY], 1, "h100"),
+    "cp2_w2": (["model.preset=tiny-qwen3", "parallel.cp=2", *TINY], 2, "h100"),
+}
+BIG_CASES = {  # name: (config, overrides, world, gpu)
+    "cp4": ("qwen3_8b_128k_cp4.yaml", [ONE_TASK], 16, "h100"),
+    "cp4_as_cp1": ("qwen3_8b_128k_cp4.yaml", [ONE_TASK, "parallel.cp=1"], 4, "h100"),
+    "a3b": ("moe_qwen3_30b_a3b_8h200_ep8.yaml", [ONE_TASK], 8, "h200"),
+}
+CP_EP_SCRIPT = f"""
+import json
+from megatron_dta.config import Config
+from megatron_dta.errors import UserError
+from megatron_dta.planner import check_fits, load_profile, plan
+
+def run(cfg, world, gpu):
+    r = plan(cfg, world, load_profile(gpu), baselines=False)
+    try:
+        check_fits(r)
+        r["refusal"] = None
+    except UserError as e:
+        r["refusal"] = str(e)
+    return r
+
+out = {{name: run(Config.from_yaml(None, ov), w, g) for name, (ov, w, g) in {CP_EP_CASES!r}.items()}}
+for name, (c, ov, w, g) in {BIG_CASES!r}.items():
+    out[name] = run(Config.from_yaml("configs/" + c, ov), w, g)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def planned_cp_ep() -> dict:
+    res = subprocess.run(
+        [PY, "-c", CP_EP_SCRIPT], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _replica_parameters(report: dict) -> int:
+    """Parameters of one model replica: the ranks of DP rank 0 and CP rank 0 (the others copy them)."""
+    return sum(r["parameters"] for r in report["ranks"] if r["coords"]["dp"] == 0 and r["coords"]["cp"] == 0)
+
+
+@pytest.mark.parametrize("case", ["ep", "cp"])
+def test_cp_and_ep_layouts_count_the_hf_model_once(planned_cp_ep, case):
+    r = planned_cp_ep[case]
+    overrides, world, _ = CP_EP_CASES[case]
+    mcfg = Config.from_yaml(None, overrides).model.model_config()
+    assert sorted(x["rank"] for x in r["ranks"]) == list(range(world))
+    assert r["layout"]["dp"] == 2 and r["layout"][case] == 2
+    assert _replica_parameters(r) == r["parameters_total"] == hf_parameter_count(mcfg)
+    if case == "ep":  # an EP rank > 0 owns only its experts: num_experts / ep of every MoE layer's
+        expert = 3 * mcfg.hidden_size * mcfg.moe_intermediate_size * mcfg.num_experts // 2
+        owned = {x["coords"]["ep"]: x["parameters"] for x in r["ranks"]}
+        assert owned[1] == len(mcfg.moe_layers) * expert
+
+
+def test_cp2_kv_stacks_are_the_executors_shards_of_half_the_path(planned_cp_ep):
+    """CP=1's kv_stacks is the executor's allocation (test above); CP=2's is ``ShardedStacks`` of the
+    same path, ~half."""
+    from megatron_dta.engine.context_parallel import ShardedStacks
+
+    mcfg = preset("tiny-qwen3")
+    kv1 = planned_cp_ep["cp1_w1"]["ranks"][0]["memory_bytes"]["kv_stacks"]
+    per_position = mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * 4 * 4  # K, V, dK, dV float32
+    max_path, rest = divmod(kv1, per_position)
+    assert rest == 0 and max_path > 100
+    stacks = ShardedStacks(
+        mcfg.num_layers, (mcfg.num_kv_heads, mcfg.head_dim), torch.float32, torch.float32, max_path, 2, "meta"
+    )
+    sharded = sum(t.numel() * t.element_size() for group in stacks for t in group)
+    ranks = planned_cp_ep["cp2_w2"]["ranks"]
+    assert [x["memory_bytes"]["kv_stacks"] for x in ranks] == [sharded, sharded]
+    assert abs(sharded / kv1 - 0.5) <= 1.5 / max_path + 1e-12  # ceil(path / 2) + 1 rows
+    # kept activations: the CP=1 rank's, halved, plus the gathered K/V a leaf unit keeps
+    act1, act2 = (planned_cp_ep[c]["ranks"][0]["memory_bytes"]["activations"] for c in ("cp1_w1", "cp2_w2"))
+    assert 0.4 < act2 / act1 < 0.75, (act1, act2)
+
+
+def test_ep_all_reduce_bytes_are_two_per_moe_layer_and_distinct_token(planned_cp_ep):
+    """EP=2 (DP=1, nothing recomputed): each MoE layer all-reduces its [T, H] output forward and the
+    input gradient backward once for every distinct token of the batch (DTA computes each once)."""
+    overrides, _, _ = CP_EP_CASES["ep_dp1"]
+    cfg = Config.from_yaml(None, overrides)
+    mcfg = cfg.model.model_config()
+    data = TrainData(cfg.data, mcfg.vocab_size)
+    distinct = {
+        tuple(r.input_ids[: i + 1].tolist())
+        for r in (data.rollouts[i] for i in data.next_indices())
+        for i in range(len(r))
+    }
+    ring = 2 * (2 - 1) / 2  # bytes a rank sends in a ring all-reduce over 2 ranks, per byte
+    expected = len(mcfg.moe_layers) * 2 * len(distinct) * mcfg.hidden_size * 4 * ring
+    comm = planned_cp_ep["ep_dp1"]["communication_bytes"]
+    assert comm["ep"] == pytest.approx(expected, rel=1e-12)
+    assert comm["cp"] == 0 and planned_cp_ep["cp"]["communication_bytes"]["cp"] > 0
+
+
+def test_shipped_cp_and_moe_configs_plan(planned_cp_ep):
+    cp4, cp1, a3b = (planned_cp_ep[c] for c in ("cp4", "cp4_as_cp1", "a3b"))
+    assert cp4["fits"] and cp4["refusal"] is None and len(cp4["ranks"]) == 16
+    assert cp4["parameters_total"] == hf_parameter_count(preset("qwen3-8b"))
+    # the same 128K paths on 4 GPUs without CP: the kept activations overflow, and the fix says CP
+    assert not cp1["fits"] and re.search(r"largest term activations .*parallel\.cp", cp1["refusal"])
+    # Qwen3-30B-A3B on 8 H200 with its 8192-token activation budget: over by the activations the
+    # config's comment left out (weights, grads and Adam state alone are ~87 GiB)
+    assert a3b["parameters_total"] == hf_parameter_count(preset("qwen3-30b-a3b"))
+    assert not a3b["fits"] and "largest term optimizer" in a3b["refusal"]

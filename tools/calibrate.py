@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         from megatron_dta.planner.cost import summarize, work
         from megatron_dta.planner.ranks import rank_shapes
 
-        shape = rank_shapes(cfg, 1, 1, 1, dtype)[0, 0]
+        shape = rank_shapes(cfg, 1, 1, 1, dtype)[0, 0, 0]
         works = []
     layout = ParallelLayout.create(device=device)
     if args.profile_out:  # a training process holds this much before its model: imports, process groups

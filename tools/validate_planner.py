@@ -2,7 +2,7 @@
 
     python tools/validate_planner.py [--steps 4] [--json docs/planner_validation_cpu.json]
 
-For each CPU config (one process; TP=2, PP=2, DP=2 over two gloo processes) it runs
+For each CPU config (one process; TP=2, PP=2, DP=2, CP=2, EP=2 over two gloo processes) it runs
 ``megatron-dta plan --gpu cpu`` (the profile tools/calibrate.py --profile-out fitted here), then
 trains the config for 1 and for 1 + ``--steps`` steps (one thread per process). Time: the machine
 is shared, so wall time measures the neighbours; the measured step is the CPU time the processes
@@ -30,6 +30,8 @@ CASES = [  # (config, processes)
     ("configs/cpu_2proc_tp2.yaml", 2),
     ("configs/cpu_2proc_pp2.yaml", 2),
     ("configs/cpu_2proc_dp2.yaml", 2),
+    ("configs/cpu_2proc_cp2.yaml", 2),
+    ("configs/cpu_2proc_ep2.yaml", 2),
 ]
 
 
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
             rows.append(r)
             lay = r["layout"]
             print(
-                f"| {Path(config).name} | tp{lay['tp']} pp{lay['pp']} dp{lay['dp']} | "
+                f"| {Path(config).name} | "
+                f"tp{lay['tp']} pp{lay['pp']} dp{lay['dp']} cp{lay['cp']} ep{lay['ep']} | "
                 f"{r['predicted_work_seconds']:.3f} | {r['measured_cpu_seconds_per_step']:.3f} | "
                 f"{r['time_error']:+.0%} | "
                 f"{r['predicted_peak_bytes'] / 2**20:.0f} | {r['measured_peak_bytes'] / 2**20:.0f} | "

@@ -6,7 +6,8 @@ groups (``planner.ranks``), the balancer and the engine's plans on the step's ba
 pipeline schedule, priced by a hardware profile (``planner.cost``, ``planner.hardware``). Its
 result is the JSON interface of ``megatron-dta plan`` (docs/scaling.md describes every field);
 ``check_fits`` turns an overflow into one line naming the rank, the memory term and the setting
-to change. Context and expert parallelism do not exist yet: their degrees are 1, their traffic 0.
+to change. Context parallelism (``parallel.cp``) and mixture-of-experts models with expert
+parallelism (``parallel.ep``) are modelled as their executors run (``planner.cost``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ __all__ = ["PROFILES", "HardwareProfile", "Workload", "check_fits", "format_tabl
 
 TERMS = ("weights", "grads", "optimizer", "activations", "kv_stacks")
 FIXES = {
-    "weights": "raise parallel.tp or parallel.pp",
+    "weights": "raise parallel.tp or parallel.pp (parallel.ep for an MoE model's experts)",
     "grads": "raise parallel.tp or parallel.pp, or use optimizer.backend=deepspeed optimizer.zero_stage=2",
     "optimizer": "use optimizer.backend=megatron (distributed optimizer) or raise parallel.dp (more GPUs)",
     "optimizer_sharded": "raise parallel.dp (more GPUs: the distributed optimizer shards over them), "
     "parallel.tp or parallel.pp",
-    "activations": "lower engine.activation_budget_tokens, data.microbatch_tokens or engine.block_size",
-    "kv_stacks": "raise parallel.tp or parallel.pp (the K/V stacks hold the longest path of every layer)",
+    "activations": "lower engine.activation_budget_tokens, data.microbatch_tokens or engine.block_size, "
+    "or raise parallel.cp",
+    "kv_stacks": "raise parallel.cp, parallel.tp or parallel.pp (the K/V stacks hold the longest path of "
+    "every layer)",
 }
 
 
@@ -76,20 +79,13 @@ def plan(
     ``baselines=False`` leaves out the dense and sparse predictions (a third of the time each)."""
     from megatron_dta.model.config import TORCH_DTYPES
 
-    if cfg.parallel.cp > 1:
-        raise UserError(
-            f"parallel.cp={cfg.parallel.cp}: the planner does not model context parallelism yet; plan with "
-            "parallel.cp=1 on world / cp devices (a CP rank holds ~1/cp of kv_stacks and activations)"
-        )
     mcfg = model_config(cfg)
-    if mcfg.num_experts:
-        raise ConfigError(
-            "megatron-dta plan does not model mixture-of-experts layers or parallel.ep yet "
-            "(docs/moe.md): plan a dense model, or size MoE runs by hand"
-        )
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    shapes = rank_shapes(mcfg, tp, pp, world_size, TORCH_DTYPES[cfg.train.dtype])
-    layout = Layout(tp, pp, world_size // (tp * pp), cfg.parallel.microbatches_in_flight or 2 * pp)
+    tp, pp, cp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep
+    if cp > 1 and mcfg.num_experts:  # as the engine refuses it
+        raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+    shapes = rank_shapes(mcfg, tp, pp, world_size, TORCH_DTYPES[cfg.train.dtype], cp, ep)
+    in_flight = cfg.parallel.microbatches_in_flight or 2 * pp
+    layout = Layout(tp, pp, world_size // (tp * cp * ep * pp), in_flight, cp, ep)
     workload = workload or workload_of(cfg, mcfg.vocab_size)
     results = {}
     for mode in dict.fromkeys((cfg.engine.mode, "dense", "sparse") if baselines else (cfg.engine.mode,)):
@@ -109,7 +105,7 @@ def plan(
     main = results[cfg.engine.mode]
     pred = main["_pred"]
     return {
-        "layout": {"tp": tp, "cp": 1, "ep": 1, "pp": pp, "dp": layout.dp},
+        "layout": {"tp": tp, "cp": cp, "ep": ep, "pp": pp, "dp": layout.dp},
         "world_size": world_size,
         "hardware": hw.name,
         "device_memory_bytes": int(hw.memory_bytes),
@@ -172,7 +168,8 @@ def format_table(report: dict) -> str:
     worst = max(report["ranks"], key=lambda r: r["memory_bytes"]["total"])
     mem = worst["memory_bytes"]
     lines = [
-        f"layout tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} (cp=ep=1) on {report['world_size']} x "
+        f"layout tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} cp={lay['cp']} ep={lay['ep']} on "
+        f"{report['world_size']} x "
         f"{report['hardware']}: {report['parameters_total'] / 1e9:.3f}B parameters, "
         f"{'fits' if report['fits'] else 'DOES NOT FIT'}",
         f"busiest rank {worst['rank']}: "

@@ -5,9 +5,16 @@ the data-parallel ranks (``balancer.balance``, as ``train.local_microbatches`` d
 microbatch is planned in the engine's mode (``engine.plan.build_plan``) and reduced to its event
 sequence (``Plan.events``) with the executor's keep-or-recompute rule replayed on it. ``predict``
 prices every event on every pipeline stage with a ``HardwareProfile`` (work in ``Work`` units),
-adds the tensor-parallel all-reduces and pipeline sends of that event, runs the DFS pipeline
+adds the tensor-, context- and expert-parallel all-reduces and pipeline sends of that event, runs
+the DFS pipeline
 schedule (``pipeline.dfs_schedule``) over the microbatches for the bubble and the in-flight
 activation peak, and adds the data-parallel gradient reduction and the optimizer step.
+Context parallelism (C ranks, engine/context_parallel.py): a rank computes ~1/C of every unit's rows
+and causal pairs, keeps ~1/C of the path's stacks and kept activations, gathers a unit's [P + T]
+K/V per layer (all-reduce) forward, again in the backward of a kept unit with children (which also
+recomputes its attention) and all-reduces dK/dV. Expert parallelism: EP ranks share their tokens,
+each runs its experts on the tokens routed to them (top_k / num_experts of them, balanced) and
+all-reduces the MoE output per layer forward and its input gradient backward.
 
 Legend: E events of a microbatch; per event ``tokens`` T, ``pairs`` (query, key) pairs attention
 computes (dta, dense: a token at position p sees its path's p + 1 keys; sparse: the packed unit's
@@ -42,6 +49,7 @@ class Events:
     pairs: np.ndarray
     prefix: np.ndarray
     head: np.ndarray
+    children: np.ndarray  # bool: the unit has children (a kept one waits for them)
     peak_path_tokens: int  # tokens whose graph is alive at once (kept path + the unit running)
     max_path: int  # positions of the K/V stacks (Plan.max_path)
     max_scores: int  # largest T x (P + T) of a unit: its attention scores where a kernel writes them
@@ -67,9 +75,17 @@ def summarize(plan, budget: int) -> Events:
         # costs its kernel the causal triangle of the packing, most of which the mask discards
         pairs = T * (T + 1) // 2 if plan.mode == "sparse" else int(unit.position_ids.sum()) + T
         rows.append(
-            (backward, backward and not keep[id(unit)], T, pairs, unit.prefix_len, len(unit.pair_target))
+            (
+                backward,
+                backward and not keep[id(unit)],
+                T,
+                pairs,
+                unit.prefix_len,
+                len(unit.pair_target),
+                unit.has_children,
+            )
         )
-    a = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    a = np.array(rows, dtype=np.int64).reshape(-1, 7)
     return Events(
         a[:, 0].astype(bool),
         a[:, 1].astype(bool),
@@ -77,6 +93,7 @@ def summarize(plan, budget: int) -> Events:
         a[:, 3],
         a[:, 4],
         a[:, 5],
+        a[:, 6].astype(bool),
         peak,
         plan.max_path,
         int((a[:, 2] * (a[:, 4] + a[:, 2])).max(initial=0)),
@@ -122,33 +139,40 @@ class Layout:
     pp: int
     dp: int
     in_flight: int  # microbatches in flight per pipeline stage
+    cp: int = 1
+    ep: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.ep * self.pp * self.dp
 
 
-def _work(ev: Events, s: RankShape):
+def _work(ev: Events, s: RankShape, cp: int = 1):
     """(linear FLOPs, attention FLOPs, memory-bound bytes, kernel calls) of each event on stage ``s``
-    (arrays [E]): forward 1x, backward 2x matmuls and 2.5x attention, plus the recomputed forward."""
+    (arrays [E]) on one of ``cp`` context-parallel ranks: forward 1x, backward 2x matmuls and 2.5x
+    attention, plus the recomputed forward, plus under CP the attention a kept unit with children
+    recomputes in its backward."""
     b, L = s.dtype_bytes, s.layers
-    lin = 2.0 * ev.tokens * s.linear_weights + 2.0 * ev.head * s.head_rows * s.hidden
-    attn = 4.0 * ev.pairs * s.q_heads * s.head_dim * L
+    T = ev.tokens / cp  # the zig-zag gives each CP rank ~1/C of a unit's rows and causal pairs
+    lin = 2.0 * T * (s.linear_weights + s.expert_weights) + 2.0 * ev.head / cp * s.head_rows * s.hidden
+    attn = 4.0 * ev.pairs / cp * s.q_heads * s.head_dim * L
     qkv = (s.q_heads + 2 * s.kv_heads) * s.head_dim
     # norms, residuals, rotary, SiLU: a few reads and writes of each [T, H], [T, F], [T, qkv];
     # the prefix K/V is concatenated in front of the unit's own (read and written) every layer;
     # the LM head writes and re-reads its [rows, V_local] logits in float32
-    mem = ev.tokens * L * b * (8.0 * s.hidden + 6.0 * s.ffn + 4.0 * qkv)
-    mem = mem + ev.prefix * L * 4.0 * s.kv_heads * s.head_dim * b + ev.head * s.head_rows * 12.0
+    mem = T * L * b * (8.0 * s.hidden + 6.0 * s.ffn + 4.0 * qkv)
+    mem = mem + ev.prefix * L * 4.0 * s.kv_heads * s.head_dim * b + ev.head / cp * s.head_rows * 12.0
     calls = np.full(len(ev.tokens), L + int(s.is_last), dtype=np.float64)
     fwd = np.stack([lin, attn, mem, calls])
     bwd = fwd * np.array([2.0, 2.5, 2.0, 1.0])[:, None] + fwd * ev.recompute
+    if cp > 1:
+        bwd[1] += fwd[1] * (ev.children & ~ev.recompute)
     return np.where(ev.backward, bwd, fwd)
 
 
-def work(ev: Events, s: RankShape) -> np.ndarray:
+def work(ev: Events, s: RankShape, cp: int = 1) -> np.ndarray:
     """[4] total work of a microbatch on stage ``s``, in the order ``HardwareProfile.seconds`` takes."""
-    return _work(ev, s).sum(axis=1)
+    return _work(ev, s, cp).sum(axis=1)
 
 
 def _ring(size: float, n: int) -> float:
@@ -162,32 +186,63 @@ class RankCost:
     flops: float  # linear + attention, recomputation excluded (useful work)
     tp_bytes: float
     pp_bytes: float
+    expert_flops: float = 0.0  # the experts' part of ``flops`` (the rest is replicated over EP)
+    cp_bytes: float = 0.0
+    ep_bytes: float = 0.0
+
+
+def _cp_gathers(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile):
+    """(seconds [E], bytes) of the CP K/V all-reduces: per layer one [2, P + T] gather forward; in the
+    backward the dK/dV all-reduce, the gather again for a kept unit with children, and a recomputed
+    unit's forward gather."""
+    n = s.layers * np.where(ev.backward, 1 + (ev.children & ~ev.recompute) + ev.recompute, 1)
+    wire = n * _ring(2.0 * (ev.prefix + ev.tokens) * s.kv_heads * s.head_dim * s.dtype_bytes, layout.cp)
+    span = layout.tp * layout.cp
+    return wire / hw.link_bytes_per_s(span) + n * hw.collective_latency_s, float(wire.sum())
+
+
+def _ep_reduces(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile):
+    """(seconds [E], bytes) of the EP all-reduces: per MoE layer the [T, H] expert output forward,
+    its input gradient backward (and the recomputed forward's)."""
+    n = s.moe_layers * np.where(ev.backward, 1 + ev.recompute, 1)
+    wire = n * _ring(ev.tokens * s.hidden * s.dtype_bytes, layout.ep)
+    span = layout.tp * layout.cp * layout.ep
+    return wire / hw.link_bytes_per_s(span) + n * hw.collective_latency_s, float(wire.sum())
 
 
 def event_costs(ev: Events, s: RankShape, layout: Layout, hw: HardwareProfile) -> RankCost:
-    w = _work(ev, s)
-    useful = _work(Events(**{**ev.__dict__, "recompute": np.zeros_like(ev.recompute)}), s)
+    cp = layout.cp
+    w = _work(ev, s, cp)
+    zero = np.zeros_like(ev.recompute)
+    useful = _work(Events(**{**ev.__dict__, "recompute": zero, "children": zero}), s, cp)
+    expert = 2.0 * ev.tokens / cp * s.expert_weights * np.where(ev.backward, 2.0, 1.0)
     seconds = hw.seconds(*w)
-    tp_bytes = pp_bytes = 0.0
+    tp_bytes = pp_bytes = cp_bytes = ep_bytes = 0.0
     H, b = s.hidden, s.dtype_bytes
+    if cp > 1:
+        extra, cp_bytes = _cp_gathers(ev, s, layout, hw)
+        seconds = seconds + extra
+    if layout.ep > 1 and s.moe_layers:
+        extra, ep_bytes = _ep_reduces(ev, s, layout, hw)
+        seconds = seconds + extra
     if layout.tp > 1:
         # two [T, H] all-reduces per layer forward (attention and MLP outputs), two backward (the
         # inputs of qkv and gate_up), one more backward for the LM head input; a recompute
         # repeats the forward's
-        n = 2 * s.layers * (1 + ev.backward + ev.recompute) + (s.is_last & ev.backward)
-        wire = n * _ring(ev.tokens * H * b, layout.tp)
+        n = 2 * s.layers * np.where(ev.backward, 1 + ev.recompute, 1) + (s.is_last & ev.backward)
+        wire = n * _ring(ev.tokens / cp * H * b, layout.tp)
         seconds = seconds + wire / hw.link_bytes_per_s(layout.tp) + n * hw.collective_latency_s
         tp_bytes = float(wire.sum())
     if layout.pp > 1:
         # a forward sends [T, H] on (not from the last stage), a backward its gradient back
         # (not from the first)
         sends = np.where(ev.backward, not s.is_first, not s.is_last)
-        wire = sends * ev.tokens * H * b
-        seconds = (
-            seconds + wire / hw.link_bytes_per_s(layout.tp * layout.dp + 1) + sends * hw.collective_latency_s
-        )
+        wire = sends * ev.tokens / cp * H * b
+        span = layout.world // layout.pp + 1
+        seconds = seconds + wire / hw.link_bytes_per_s(span) + sends * hw.collective_latency_s
         pp_bytes = float(wire.sum())
-    return RankCost(seconds, float(useful[0].sum() + useful[1].sum()), tp_bytes, pp_bytes)
+    flops = float(useful[0].sum() + useful[1].sum())
+    return RankCost(seconds, flops, tp_bytes, pp_bytes, float(expert.sum()), cp_bytes, ep_bytes)
 
 
 @dataclass
@@ -200,7 +255,8 @@ class Prediction:
     imbalance: float  # slowest / mean DP rank compute
     flops: float  # useful FLOPs of the whole step, all ranks
     communication_bytes: dict  # per rank and step, the busiest rank of each dimension
-    memory: dict = field(default_factory=dict)  # {(tp_rank, pp_rank, dp_rank): {term: bytes}}
+    memory: dict = field(default_factory=dict)  # {(tp_rank, ep_rank, pp_rank, dp_rank): {term: bytes}}
+    # (CP ranks of a position hold the same)
 
 
 def _optimizer_bytes(s: RankShape, backend: str, zero_stage: int, dp: int) -> tuple[float, float]:
@@ -220,24 +276,78 @@ def _optimizer_bytes(s: RankShape, backend: str, zero_stage: int, dp: int) -> tu
     return grads, state
 
 
+@dataclass
+class _Peaks:
+    """What one DP rank's microbatches need at most at once, per stage (memory terms' inputs)."""
+
+    runs: list  # [pp] runs in flight
+    kept: list  # [pp] kept path tokens (all CP ranks together)
+    max_path: int
+    max_unit: int
+    max_scores: int
+    max_leaf_keys: int  # P + T of the longest unit that keeps its gathered keys (CP: no children)
+
+
+def _peaks(micro: list[Events], runs: list) -> _Peaks:
+    # each run in flight on a stage holds at most its own path's peak (the executor's budget
+    # applies per run); the schedule's kept-token count ignores the budget's recomputation
+    path_peak = max((ev.peak_path_tokens for ev in micro), default=0)
+    return _Peaks(
+        runs,
+        [r * path_peak for r in runs],
+        max((ev.max_path for ev in micro), default=0),
+        max((int(ev.tokens.max(initial=0)) for ev in micro), default=0),
+        max((ev.max_scores for ev in micro), default=0),
+        max((int((ev.prefix + ev.tokens)[~ev.children].max(initial=0)) for ev in micro), default=0),
+    )
+
+
+def _rank_memory(s: RankShape, pk: _Peaks, layout: Layout, hw, backend: str, zero_stage: int) -> dict:
+    """{term: bytes} of one rank of position ``s``, one of ``layout.cp`` CP ranks."""
+    cp, p = layout.cp, s.pp_rank
+    grads, state = _optimizer_bytes(s, backend, zero_stage, layout.dp)
+    acts = pk.kept[p] / cp * s.activation_bytes_per_token
+    if s.is_last:  # the fused head's float32 logits and exponentials of one chunk
+        acts += 2 * min(LM_HEAD_CHUNK, -(-pk.max_unit // cp)) * s.head_rows * 4
+    if hw.attention_scores_materialized:  # one layer's scores and probabilities, float32
+        acts += 2 * pk.max_scores / cp * s.q_heads * 4
+    rows = pk.max_path
+    if cp > 1:
+        # a leaf unit keeps every layer's gathered [2, P + T] K/V until its backward; the stack
+        # shard holds ceil(path / C) + 1 rows (context_parallel.ShardedStacks)
+        acts += pk.max_leaf_keys * s.layers * 2 * s.kv_heads * s.head_dim * s.dtype_bytes
+        rows = -(-pk.max_path // cp) + 1 if pk.max_path else 0
+    return {
+        "weights": float(s.allocated * s.dtype_bytes),
+        "grads": float(grads),
+        "optimizer": float(state),
+        "activations": float(acts),
+        "kv_stacks": float(pk.runs[p] * rows * s.kv_stack_bytes_per_position),
+    }
+
+
 def predict(
-    shapes: dict[tuple[int, int], RankShape],
+    shapes: dict[tuple[int, int, int], RankShape],
     layout: Layout,
     hw: HardwareProfile,
     events: list[list[Events]],
     optimizer_backend: str = "torch",
     zero_stage: int = 1,
 ) -> Prediction:
-    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    tp, pp, dp, cp, ep = layout.tp, layout.pp, layout.dp, layout.cp, layout.ep
     compute, bubbles, flops = [], [], 0.0
-    tp_bytes, pp_bytes = [0.0] * dp, [0.0] * dp
+    sums = {dim: [0.0] * dp for dim in ("tp", "cp", "ep", "pp")}
     memory: dict = {}
     for d, micro in enumerate(events):
-        # one TP rank per stage suffices for time: TP ranks of a stage do the same work
-        costs = [[event_costs(ev, shapes[0, p], layout, hw) for ev in micro] for p in range(pp)]
-        flops += tp * sum(c.flops for stage in costs for c in stage)
-        tp_bytes[d] = max((sum(c.tp_bytes for c in stage) for stage in costs), default=0.0)
-        pp_bytes[d] = max((sum(c.pp_bytes for c in stage) for stage in costs), default=0.0)
+        # one TP (EP) rank per stage suffices for time: TP ranks of a stage do the same work, EP
+        # ranks the same on average (balanced routing)
+        costs = [[event_costs(ev, shapes[0, 0, p], layout, hw) for ev in micro] for p in range(pp)]
+        # model FLOPs: TP x CP ranks split the work, EP ranks replicate all but their experts
+        flops += tp * cp * sum(c.flops + (ep - 1) * c.expert_flops for stage in costs for c in stage)
+        for dim in sums:
+            sums[dim][d] = max(
+                (sum(getattr(c, f"{dim}_bytes") for c in stage) for stage in costs), default=0.0
+            )
         busy = [sum(float(c.seconds.sum()) for c in stage) for stage in costs]
         runs = [min(1, len(micro))] * pp
         bubble = 0.0
@@ -246,36 +356,19 @@ def predict(
                 [list(zip(ev.backward.tolist(), ev.tokens.tolist())) for ev in micro], pp, layout.in_flight
             )
             bubble, runs = sched.bubble, sched.peak_in_flight
-        # each run in flight on a stage holds at most its own path's peak (the executor's budget
-        # applies per run); the schedule's kept-token count ignores the budget's recomputation
-        path_peak = max((ev.peak_path_tokens for ev in micro), default=0)
-        kept = [runs[p] * path_peak for p in range(pp)]
         bubbles.append(bubble)
         compute.append(max(busy) / (1.0 - bubble) if busy else 0.0)
-        max_path = max((ev.max_path for ev in micro), default=0)
-        max_unit = max((int(ev.tokens.max(initial=0)) for ev in micro), default=0)
-        max_scores = max((ev.max_scores for ev in micro), default=0)
-        for (t, p), s in shapes.items():
-            grads, state = _optimizer_bytes(s, optimizer_backend, zero_stage, dp)
-            acts = kept[p] * s.activation_bytes_per_token
-            if s.is_last:  # the fused head's float32 logits and exponentials of one chunk
-                acts += 2 * min(LM_HEAD_CHUNK, max_unit) * s.head_rows * 4
-            if hw.attention_scores_materialized:  # one layer's scores and probabilities, float32
-                acts += 2 * max_scores * s.q_heads * 4
-            memory[t, p, d] = {
-                "weights": float(s.allocated * s.dtype_bytes),
-                "grads": float(grads),
-                "optimizer": float(state),
-                "activations": float(acts),
-                "kv_stacks": float(runs[p] * max_path * s.kv_stack_bytes_per_position),
-            }
-    # data parallel: the gradients cross the DP group once per step (all-reduce; reduce-scatter +
-    # all-gather for the sharded optimizers), after the last backward
+        pk = _peaks(micro, runs)
+        for (t, e, p), s in shapes.items():
+            memory[t, e, p, d] = _rank_memory(s, pk, layout, hw, optimizer_backend, zero_stage)
+    # data parallel: the gradients cross the DP (x CP) group once per step (all-reduce; reduce-scatter
+    # + all-gather for the sharded optimizers), after the last backward
     s0 = max(shapes.values(), key=lambda s: s.allocated)
     grad_b = 4 if optimizer_backend == "megatron" else s0.dtype_bytes
-    dp_wire = _ring(s0.allocated * grad_b, dp) if dp > 1 else 0.0
-    dp_seconds = dp_wire / hw.link_bytes_per_s(tp * dp) + (
-        2 * (dp - 1) * hw.collective_latency_s if dp > 1 else 0
+    group = dp * cp
+    dp_wire = _ring(s0.allocated * grad_b, group) if group > 1 else 0.0
+    dp_seconds = dp_wire / hw.link_bytes_per_s(layout.world // pp) + (
+        2 * (group - 1) * hw.collective_latency_s if group > 1 else 0
     )
     # AdamW: read and write float32 master, two moments and the parameter, read the gradient
     shard = dp if optimizer_backend != "torch" else 1
@@ -290,7 +383,7 @@ def predict(
         bubble=max(bubbles, default=0.0),
         imbalance=max(compute) / mean if mean else 1.0,
         flops=flops,
-        communication_bytes={"tp": max(tp_bytes), "cp": 0.0, "ep": 0.0, "pp": max(pp_bytes), "dp": dp_wire},
+        communication_bytes={**{dim: max(v) for dim, v in sums.items()}, "dp": dp_wire},
         memory=memory,
     )
 
@@ -298,20 +391,21 @@ def predict(
 def rank_entries(pred: Prediction, shapes, layout: Layout, hw: HardwareProfile) -> list[dict]:
     """The JSON ``ranks`` list: every global rank with its coordinates, parameters and memory."""
     out = []
-    for (t, p, d), terms in pred.memory.items():
+    for (t, e, p, d), terms in pred.memory.items():
         total = sum(terms.values()) + hw.reserved_bytes
-        out.append(
-            {
-                "rank": global_rank(t, p, d, layout.tp, layout.dp),
-                "coords": {"tp": t, "cp": 0, "ep": 0, "pp": p, "dp": d},
-                "parameters": shapes[t, p].parameters,
-                "memory_bytes": {
-                    **{k: int(v) for k, v in terms.items()},
-                    "reserved": int(hw.reserved_bytes),
-                    "total": int(total),
-                },
-            }
-        )
+        for c in range(layout.cp):
+            out.append(
+                {
+                    "rank": global_rank(t, p, d, layout.tp, layout.dp, c, layout.cp, e, layout.ep),
+                    "coords": {"tp": t, "cp": c, "ep": e, "pp": p, "dp": d},
+                    "parameters": shapes[t, e, p].parameters,  # CP ranks: replicas, as DP ranks
+                    "memory_bytes": {
+                        **{k: int(v) for k, v in terms.items()},
+                        "reserved": int(hw.reserved_bytes),
+                        "total": int(total),
+                    },
+                }
+            )
     return sorted(out, key=lambda r: r["rank"])
 
 

@@ -190,6 +190,12 @@ BIG_CASES = {  # name: (config, overrides, world, gpu)
     "cp4": ("qwen3_8b_128k_cp4.yaml", [ONE_TASK], 16, "h100"),
     "cp4_as_cp1": ("qwen3_8b_128k_cp4.yaml", [ONE_TASK, "parallel.cp=1"], 4, "h100"),
     "a3b": ("moe_qwen3_30b_a3b_8h200_ep8.yaml", [ONE_TASK], 8, "h200"),
+    "a3b_8192": (
+        "moe_qwen3_30b_a3b_8h200_ep8.yaml",
+        [ONE_TASK, "engine.activation_budget_tokens=8192"],
+        8,
+        "h200",
+    ),
 }
 CP_EP_SCRIPT = f"""
 import json
@@ -283,12 +289,16 @@ def test_ep_all_reduce_bytes_are_two_per_moe_layer_and_distinct_token(planned_cp
 
 
 def test_shipped_cp_and_moe_configs_plan(planned_cp_ep):
-    cp4, cp1, a3b = (planned_cp_ep[c] for c in ("cp4", "cp4_as_cp1", "a3b"))
+    cp4, cp1, a3b, a3b_8192 = (planned_cp_ep[c] for c in ("cp4", "cp4_as_cp1", "a3b", "a3b_8192"))
     assert cp4["fits"] and cp4["refusal"] is None and len(cp4["ranks"]) == 16
     assert cp4["parameters_total"] == hf_parameter_count(preset("qwen3-8b"))
     # the same 128K paths on 4 GPUs without CP: the kept activations overflow, and the fix says CP
     assert not cp1["fits"] and re.search(r"largest term activations .*parallel\.cp", cp1["refusal"])
-    # Qwen3-30B-A3B on 8 H200 with its 8192-token activation budget: over by the activations the
-    # config's comment left out (weights, grads and Adam state alone are ~87 GiB)
+    # Qwen3-30B-A3B on 8 H200 fits with its 4096-token activation budget; 8192 tokens of kept
+    # activations on top of ~87 GiB of weights, grads and Adam state do not
     assert a3b["parameters_total"] == hf_parameter_count(preset("qwen3-30b-a3b"))
-    assert not a3b["fits"] and "largest term optimizer" in a3b["refusal"]
+    assert a3b["fits"] and a3b["refusal"] is None
+    assert not a3b_8192["fits"] and "largest term optimizer" in a3b_8192["refusal"]
+    assert (
+        a3b_8192["ranks"][0]["memory_bytes"]["activations"] > a3b["ranks"][0]["memory_bytes"]["activations"]
+    )

@@ -344,8 +344,8 @@ def _poison_step(monkeypatch, bad_steps: set[int], value: float) -> None:
     real = train_mod.run_microbatches
     calls = {"step": 0}
 
-    def run(engine, layout, micro, loss_fn=None, denominator=None, forward_only=False):
-        results = real(engine, layout, micro, loss_fn, denominator, forward_only)
+    def run(engine, layout, micro, loss_fn=None, denominator=None, forward_only=False, **kw):
+        results = real(engine, layout, micro, loss_fn, denominator, forward_only, **kw)
         if not forward_only:
             calls["step"] += 1
             if calls["step"] in bad_steps:

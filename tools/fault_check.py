@@ -84,8 +84,8 @@ def _after_backward(step: int, rank: int, action) -> None:
 
     real, seen = train.run_microbatches, {"n": 0}
 
-    def run(engine, layout, micro, loss_fn=None, denominator=None, forward_only=False):
-        results = real(engine, layout, micro, loss_fn, denominator, forward_only)
+    def run(engine, layout, micro, loss_fn=None, denominator=None, forward_only=False, **kw):
+        results = real(engine, layout, micro, loss_fn, denominator, forward_only, **kw)
         if not forward_only:
             seen["n"] += 1
             if seen["n"] == step and _rank() == rank:

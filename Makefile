@@ -23,7 +23,8 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q --durations=15 tests
 
-# The developer loop: everything but the multi-process (torchrun) tests, well under a minute.
+# The developer loop: everything but the tests marked slow (torchrun, kill-and-resume, planning at
+# 1024 GPUs): ~3 min on 2 cores against ~16 for `make test`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -230,11 +230,6 @@ class Config:
                 "engine.memory_budget_mib plans one whole model's memory: use parallel.pp=1 or set "
                 "engine.memory_budget_mib to null"
             )
-        if self.engine.memory_budget_mib is not None and self.parallel.cp > 1:
-            raise ConfigError(
-                "engine.memory_budget_mib does not model context parallelism yet: use parallel.cp=1 or set "
-                "engine.memory_budget_mib to null"
-            )
         if self.optimizer.backend == "megatron" and self.parallel.device == "cpu":
             raise ConfigError(
                 "optimizer.backend=megatron needs CUDA: use optimizer.backend=torch or deepspeed on CPU"

@@ -127,9 +127,10 @@ class Engine:
         """``cp_group``: the layout's context-parallel group (None: cp = 1); its ranks share every
         unit's tokens (engine/context_parallel.py) and must all run the same calls."""
         self.model, self.cfg, self.device = model, cfg or EngineConfig(), device
-        if cp_group is not None and dist.get_world_size(cp_group) > 1:
-            if model.cfg.num_experts:
-                raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+        cp = cp_group is not None and dist.get_world_size(cp_group) > 1
+        self._refuse_unsupported(cp)
+        self.memory: MemoryModel | None = None  # measured at the first plan under a memory budget
+        if cp:
             self.executor = CPExecutor(model, self.cfg.activation_budget_tokens, device, cp_group)
             return
         self.executor = Executor(
@@ -138,7 +139,19 @@ class Engine:
             self.cfg.activation_budget_tokens,
             device,
         )
-        self.memory: MemoryModel | None = None  # measured at the first plan under a memory budget
+
+    def _refuse_unsupported(self, cp: bool) -> None:
+        """Combinations not built yet, refused once when the engine is made."""
+        moe = bool(self.model.cfg.num_experts)
+        if cp and moe:
+            raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+        if self.cfg.memory_budget_mib is not None and moe:
+            raise ConfigError("engine.memory_budget_mib does not model MoE layers yet: set it to null")
+        if self.cfg.memory_budget_mib is not None and cp:
+            raise ConfigError(
+                "engine.memory_budget_mib does not model context parallelism yet: use parallel.cp=1 or set "
+                "engine.memory_budget_mib to null"
+            )
 
     def check_rollouts(self, rollouts: list[Rollout]) -> None:
         """Routing replay against the model (``routed_experts``: shapes, expert ids, conflicting
@@ -165,8 +178,6 @@ class Engine:
             seqs, key_to_token = route_keys(rollouts)
         c = self.cfg
         if c.memory_budget_mib is not None:
-            if self.model.cfg.num_experts:
-                raise ConfigError("engine.memory_budget_mib does not model MoE layers yet: set it to null")
             if self.memory is None:
                 self.memory = MemoryModel.probe(self.executor)
             plan = fit_plan(

@@ -122,6 +122,12 @@ class StepResult:
     recomputed_tokens: int
 
 
+def refuse_cp_with_moe(cp: bool, moe: bool) -> None:
+    """Context parallelism does not route MoE tokens yet (the engine and the planner refuse it)."""
+    if cp and moe:
+        raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+
+
 class Engine:
     def __init__(self, model, cfg: EngineConfig | None = None, device: str = "cpu", cp_group=None):
         """``cp_group``: the layout's context-parallel group (None: cp = 1); its ranks share every
@@ -143,8 +149,7 @@ class Engine:
     def _refuse_unsupported(self, cp: bool) -> None:
         """Combinations not built yet, refused once when the engine is made."""
         moe = bool(self.model.cfg.num_experts)
-        if cp and moe:
-            raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+        refuse_cp_with_moe(cp, moe)
         if self.cfg.memory_budget_mib is not None and moe:
             raise ConfigError("engine.memory_budget_mib does not model MoE layers yet: set it to null")
         if self.cfg.memory_budget_mib is not None and cp:

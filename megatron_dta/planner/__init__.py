@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_dta.errors import ConfigError, UserError
+from megatron_dta.engine import refuse_cp_with_moe
+from megatron_dta.errors import UserError
 from megatron_dta.planner.cost import Layout, Workload, mfu, predict, rank_entries
 from megatron_dta.planner.hardware import GIB, PROFILES, HardwareProfile, load_profile
 from megatron_dta.planner.ranks import rank_shapes
@@ -81,8 +82,7 @@ def plan(
 
     mcfg = model_config(cfg)
     tp, pp, cp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.ep
-    if cp > 1 and mcfg.num_experts:  # as the engine refuses it
-        raise ConfigError("parallel.cp > 1 with an MoE model is not supported yet: use parallel.ep")
+    refuse_cp_with_moe(cp > 1, bool(mcfg.num_experts))  # as the engine does
     shapes = rank_shapes(mcfg, tp, pp, world_size, TORCH_DTYPES[cfg.train.dtype], cp, ep)
     in_flight = cfg.parallel.microbatches_in_flight or 2 * pp
     layout = Layout(tp, pp, world_size // (tp * cp * ep * pp), in_flight, cp, ep)

@@ -147,11 +147,6 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
         if self.cp < 1:
             raise ConfigError(f"parallel.cp must be >= 1, got {self.cp}")
-        if self.cp > 1 and self.pp > 1:
-            raise ConfigError(
-                f"parallel.cp={self.cp} with parallel.pp={self.pp} is not supported yet: use cp with tp and "
-                "data parallelism, or pp without cp"
-            )
         if self.cp > 1 and self.ep > 1:
             raise ConfigError(
                 f"parallel.cp={self.cp} with parallel.ep={self.ep} is not supported yet: use one of them"

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dta.engine import Engine, EngineConfig, StepResult
+from megatron_dta.engine.context_parallel import CPExecutor
 from megatron_dta.engine.executor import ChunkKV, Executor
 from megatron_dta.engine.plan import Unit
 from megatron_dta.grads import grad_of
@@ -190,6 +191,9 @@ class StageExecutor(Executor):
 
     def __init__(self, model, attention, activation_budget_tokens: int, layout: ParallelLayout):
         super().__init__(model, attention, activation_budget_tokens, layout.device)
+        self._neighbours(layout)
+
+    def _neighbours(self, layout: ParallelLayout) -> None:
         self.prev, self.next = layout.prev_rank, layout.next_rank
         self._sends: list = []
         self._link: dict = {}
@@ -200,11 +204,15 @@ class StageExecutor(Executor):
         up (B events of the stage below), each link in commit order."""
         s = self.model.stage[0]
         hidden = self.model.cfg.hidden_size
-        shape_of = lambda key: (events[key[0]][key[1]][0].num_tokens, hidden)
+        rows = lambda key: self._own_rows(events[key[0]][key[1]][0])
+        shape_of = lambda key: (rows(key), hidden)
         backward = [[b for _, b in ev] for ev in events]
         for peer, upper in ((self.prev, s - 1), (self.next, s)):  # link between stages upper, upper + 1
             if peer is not None:
-                seq = [(key, sender != s) for key, sender in link_order(schedule, backward, upper)]
+                # a message without rows (a CP rank holds none of a short unit) is not sent: both
+                # ends leave it out, their rows being the same (the same CP rank of the same unit)
+                link = [(key, sender) for key, sender in link_order(schedule, backward, upper) if rows(key)]
+                seq = [(key, sender != s) for key, sender in link]
                 self._link[peer] = _Link(peer, seq, shape_of, self.model.dtype, self.device)
 
     def flush(self) -> None:
@@ -213,14 +221,20 @@ class StageExecutor(Executor):
             work.wait()
         self._sends, self._link = [], {}
 
-    def _send(self, t: torch.Tensor, dst: int) -> None:
+    def _send(self, t_TH: torch.Tensor, dst: int) -> None:
+        if not len(t_TH):
+            return  # no rows here: not on the link (connect)
         # drop finished sends so that sent hidden states are freed along the DFS, not per microbatch
         self._sends = [w for w in self._sends if not w.is_completed()]
-        self._sends.append(self._link[dst].send(self.key, t.detach().contiguous()))
+        self._sends.append(self._link[dst].send(self.key, t_TH.detach().contiguous()))
 
-    def _recv(self, unit: Unit, src: int) -> torch.Tensor:
+    def _recv(self, src: int, rows: int) -> torch.Tensor:
+        """The [rows, H] message of the current event from ``src`` (``rows``: this rank's rows of
+        the unit, all of them without context parallelism)."""
+        if not rows:
+            return torch.empty((0, self.model.cfg.hidden_size), dtype=self.model.dtype, device=self.device)
         buf_TH = self._link[src].recv(self.key)
-        assert buf_TH.shape[0] == unit.num_tokens, "message does not belong to this unit"
+        assert buf_TH.shape[0] == rows, "message does not belong to this unit"
         return buf_TH
 
     @property
@@ -234,7 +248,7 @@ class StageExecutor(Executor):
         if m.is_first:
             x_in, x = None, unit.input_ids.to(self.device)
         else:
-            x_in = saved.x_in if saved is not None else self._recv(unit, self.prev)
+            x_in = saved.x_in if saved is not None else self._recv(self.prev, unit.num_tokens)
             x = x_in.detach().requires_grad_(torch.is_grad_enabled())
         out_TH = m.forward_stage(x, unit.position_ids.to(self.device), ctx)
         ctx.x_in, ctx.out = (None if x_in is None else x), out_TH
@@ -245,12 +259,24 @@ class StageExecutor(Executor):
     def _backward_roots(self, unit: Unit, ctx: ChunkKV, loss):
         if self.model.is_last:
             return super()._backward_roots(unit, ctx, loss)
-        return [ctx.out], [self._recv(unit, self.next)]
+        return [ctx.out], [self._recv(self.next, len(ctx.out))]
 
     def _after_backward(self, unit: Unit, ctx: ChunkKV) -> None:
         if not self.model.is_first:  # a unit without loss or children still owes the previous stage a grad
             g = ctx.x_in.grad
             self._send(torch.zeros_like(ctx.x_in) if g is None else g, self.prev)
+
+
+class CPStageExecutor(CPExecutor, StageExecutor):
+    """A pipeline stage whose units are split over the layout's CP group (engine/context_parallel.py):
+    each CP rank runs its rows of every unit through the stage's layers and exchanges their hidden
+    states, and those rows' gradients, with the same CP rank of the neighbouring stages. Rows depend
+    only on the unit and the CP rank, so both ends of a link agree on every message's shape; the CP
+    collectives of a stage run in its event order, identical on its CP ranks."""
+
+    def __init__(self, model, activation_budget_tokens: int, layout: ParallelLayout):
+        CPExecutor.__init__(self, model, activation_budget_tokens, layout.device, layout.cp_group)
+        self._neighbours(layout)
 
 
 def _tied_weight(model):
@@ -311,8 +337,11 @@ def forward_backward_pipelining_dfs(
     stage_model = model[0] if isinstance(model, (list, tuple)) else model
     stage, stages = stage_model.stage
     assert stage_model.stage == layout.stage, "the model was built for another pipeline stage"
-    engine = Engine(stage_model, engine_config or EngineConfig(), layout.device)
-    ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, layout)
+    engine = Engine(stage_model, engine_config or EngineConfig(), layout.device, layout.cp_group)
+    if layout.cp > 1:
+        ex = CPStageExecutor(stage_model, engine.executor.budget, layout)
+    else:
+        ex = StageExecutor(stage_model, engine.executor.attention, engine.executor.budget, layout)
     engine.executor = ex
     tied = _tied_weight(stage_model)
     before = None if tied is None or grad_of(tied) is None else grad_of(tied).clone()

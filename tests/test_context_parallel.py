@@ -120,7 +120,6 @@ def test_zigzag_partitions_the_unit_and_balances_causal_work(tokens, cp):
     "overrides, message",
     [
         (["parallel.cp=0"], "parallel.cp must be >= 1"),
-        (["parallel.cp=2", "parallel.pp=2"], "parallel.cp=2 with parallel.pp=2 is not supported"),
         (
             ["parallel.cp=2", "optimizer.backend=deepspeed", "train.dtype=float32"],
             "needs optimizer.backend=torch",

@@ -1,6 +1,6 @@
 """The DFS pipeline schedule (torchrun, gloo) equals the single-process step in float64:
 logprobs, loss and every gradient, through tools/dump_step.py --pp. Covers chunked nodes,
-several microbatches, recompute, tied embeddings split over stages, TP=2 x PP=2 and the forest
+several microbatches, recompute, tied embeddings split over stages, TP=2 x PP=2, CP=2 x PP=2 and the forest
 shapes of the synthetic workloads; every run has a timeout that fails loudly on a deadlock."""
 
 from __future__ import annotations
@@ -139,6 +139,17 @@ def test_pp2_with_recompute_on_generator_forests(setup):
         rollouts="shapes.jsonl",
     )
     assert_equal(pp2, ref)
+
+
+@pytest.mark.slow
+def test_cp2_x_pp2_equals_one_process(setup):
+    """CP=2 x PP=2 on 4 processes: each CP rank sends its rows of every unit to the same CP rank of
+    the next stage. Units of one token (a CP rank without rows of a unit sends nothing), every parent
+    recomputed from its saved rows (budget 0), three microbatches interleaved, the tied embedding's
+    halves on two stages."""
+    ref = dump(setup, "qwen2", "block1_pp1", "--block-size", "1")
+    extra = ["--block-size", "1", "--activation-budget", "0", "--microbatches", "3"]
+    assert_equal(dump(setup, "qwen2", "cp2pp2", *extra, "--cp", "2", "--pp", "2", nproc=4), ref)
 
 
 SCHEDULE_API = """

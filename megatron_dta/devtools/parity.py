@@ -103,8 +103,6 @@ def dump_step(
     """The dump dict on global rank 0, None elsewhere. With ``pp`` > 1 the step runs through the
     DFS pipeline schedule, the local rollouts split into ``microbatches`` contiguous microbatches;
     with ``cp`` > 1 every unit is split over the context-parallel ranks; ``ep`` splits the experts."""
-    if cp > 1 and pp > 1:
-        raise UserError("--cp with --pp is not supported yet (see parallel.cp)")
     layout = ParallelLayout.create(tp=tp, pp=pp, microbatches_in_flight=microbatches_in_flight, cp=cp, ep=ep)
     if dp is not None and dp != layout.dp:
         raise UserError(

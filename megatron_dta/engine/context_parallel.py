@@ -177,7 +177,9 @@ class CPExecutor(Executor):
     """The DFS executor with every unit split over the ``group``'s ranks (module docstring)."""
 
     def __init__(self, model, activation_budget_tokens: int, device, group):
-        super().__init__(model, None, activation_budget_tokens, device)
+        # Executor's, by name: a pipeline stage under CP (pipeline.CPStageExecutor) puts the stage
+        # executor, with another constructor, between this class and Executor
+        Executor.__init__(self, model, None, activation_budget_tokens, device)
         self.group, self.cp, self.cp_rank = group, dist.get_world_size(group), dist.get_rank(group)
         self._views: dict[int, tuple[Unit, np.ndarray]] = {}
 
